@@ -1,0 +1,3 @@
+"""Backend registry, torch.library custom ops and autograd Functions."""
+from . import registry  # noqa: F401
+from . import token_logprobs  # noqa: F401
