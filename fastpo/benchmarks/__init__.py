@@ -1,0 +1,78 @@
+"""`fastpo bench`: micro-benchmarks of every op against the torch reference and peers.
+
+Each module in this package (one per op) exposes
+``cases(device, shapes=None) -> Iterable[Case]``; the runner discovers them, times
+each case (median), measures its peak extra memory, and converts time to GB/s
+with the case's stated byte model. ``device_peak_gbps`` measures the device's
+copy bandwidth so results can be read as a fraction of what the memory can do.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from ._measure import median_ms, peak_extra_bytes
+
+
+@dataclass
+class Case:
+    op: str
+    impl: str  # e.g. "torch-naive", "trl", "fastpo[triton]"
+    dtype: str
+    shape: str
+    step: Callable[[], object]  # one forward + backward
+    floor_bytes: int  # minimal traffic: read logits once + write the gradient once
+    note: str = ""
+    reps: int = 5
+
+
+@dataclass
+class Result:
+    op: str
+    impl: str
+    dtype: str
+    shape: str
+    median_ms: float
+    floor_gbps: float
+    pct_of_peak: float | None
+    peak_extra_mib: float | None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def device_peak_gbps(device: torch.device, mib: int = 512) -> float:
+    """Measured copy bandwidth (read + write) of the device, GB/s."""
+    n = mib * (1 << 20) // 4
+    src = torch.ones(n, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, warmup=2, reps=7)
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def op_modules() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
+def run_case(case: Case, device: torch.device, peak_gbps: float | None) -> Result:
+    ms = median_ms(case.step, device, warmup=1, reps=case.reps)
+    mem = peak_extra_bytes(case.step, device)
+    gbps = case.floor_bytes / (ms * 1e-3) / 1e9
+    return Result(
+        op=case.op, impl=case.impl, dtype=case.dtype, shape=case.shape, median_ms=ms,
+        floor_gbps=gbps, pct_of_peak=(100 * gbps / peak_gbps) if peak_gbps else None,
+        peak_extra_mib=None if mem is None else mem / 2**20, note=case.note,
+    )
+
+
+def collect_cases(device: torch.device, ops: Iterable[str] | None = None, shapes=None) -> list[Case]:
+    cases: list[Case] = []
+    for name in op_modules():
+        if ops and name not in ops:
+            continue
+        module = importlib.import_module(f"{__name__}.{name}")
+        cases.extend(module.cases(device, shapes))
+    return cases

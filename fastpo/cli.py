@@ -1,0 +1,137 @@
+"""Command line: `fastpo verify` and `fastpo bench` (DESIGN.md §5)."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from dataclasses import asdict
+
+import torch
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _environment(device: str) -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "device": device,
+           "threads": torch.get_num_threads(), "machine": platform.machine()}
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def cmd_verify(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .verify import as_records, run_checks
+
+    checks = run_checks(args.device, args.ops)
+    table = Table(title=f"fastpo verify ({args.device}): max relative error vs float64 reference")
+    for col in ("op", "backend", "dtype", "shape", "quantity", "max rel err", "tol", "result"):
+        table.add_column(col)
+    for c in checks:
+        verdict = "[green]PASS[/]" if c.passed else "[bold red]FAIL[/]"
+        table.add_row(c.op, c.backend, c.dtype, c.shape, c.quantity, f"{c.error:.2e}", f"{c.tol:.1e}", verdict)
+    console = Console(width=140)
+    console.print(table)
+    failed = [c for c in checks if not c.passed]
+    console.print(f"{len(checks) - len(failed)} passed, {len(failed)} failed")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": _environment(args.device), "checks": as_records(checks)}, f, indent=1)
+    return 1 if failed or not checks else 0
+
+
+def _parse_shapes(text: str | None):
+    if not text:
+        return None
+    shapes = []
+    for item in text.split(","):
+        n, v, dtype = item.split("x")
+        shapes.append((int(n), int(v), getattr(torch, dtype)))
+    return shapes
+
+
+def cmd_bench(args) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .benchmarks import collect_cases, device_peak_gbps, run_case
+
+    device = torch.device(args.device)
+    peak = device_peak_gbps(device)
+    console = Console(width=160)
+    console.print(f"measured {device.type} copy bandwidth: {peak:.1f} GB/s")
+    results = []
+    for case in collect_cases(device, args.ops, _parse_shapes(args.shapes)):
+        results.append(run_case(case, device, peak))
+        r = results[-1]
+        console.print(escape(f"  {r.op} {r.impl} {r.dtype} {r.shape}: {r.median_ms:.2f} ms"), highlight=False)
+    table = Table(title=f"fastpo bench ({device.type}): forward + backward, median")
+    for col in ("op", "impl", "dtype", "shape", "ms", "floor GB/s", "% peak", "peak extra MiB", "note"):
+        table.add_column(col)
+    for r in results:
+        pct = "" if r.pct_of_peak is None else f"{r.pct_of_peak:.0f}%"
+        mem = "n/a" if r.peak_extra_mib is None else f"{r.peak_extra_mib:.1f}"
+        table.add_row(r.op, escape(r.impl), r.dtype, r.shape, f"{r.median_ms:.2f}", f"{r.floor_gbps:.1f}", pct, mem, r.note)
+    console.print(table)
+    payload = {"environment": _environment(args.device), "device_copy_gbps": peak,
+               "results": [asdict(r) for r in results]}
+    with open(args.json, "w") as f:
+        json.dump(payload, f, indent=1)
+    console.print(f"wrote {args.json}")
+    if args.png:
+        _plot(results, args.png, console)
+    return 0
+
+
+def _plot(results, path: str, console) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        console.print("matplotlib not installed (pip install 'fastpo[plot]'): no PNG written")
+        return
+    labels = [f"{r.op}\n{r.impl}\n{r.dtype} {r.shape}" for r in results]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(results)), 4))
+    ax.bar(range(len(results)), [r.median_ms for r in results])
+    ax.set_xticks(range(len(results)), labels, rotation=90, fontsize=6)
+    ax.set_ylabel("forward + backward, median ms")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    console.print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import fastpo  # noqa: F401  (sets up the Triton interpreter before triton is imported)
+
+    parser = argparse.ArgumentParser(prog="fastpo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("verify", help="every op x backend x dtype against the float64 reference")
+    v.add_argument("--device", default=_default_device())
+    v.add_argument("--ops", nargs="*", help="restrict to these ops (default: all)")
+    v.add_argument("--json", help="also write the results as JSON to this path")
+    b = sub.add_parser("bench", help="micro-benchmarks: median time, GB/s, peak extra memory")
+    b.add_argument("--device", default=_default_device())
+    b.add_argument("--ops", nargs="*", help="restrict to these ops (default: all)")
+    b.add_argument("--shapes", help="override shapes, e.g. 2048x32000xbfloat16,1024x128256xfloat32")
+    b.add_argument("--json", default="fastpo-bench.json", help="where to write the JSON results")
+    b.add_argument("--png", help="also plot the timings to this PNG (needs matplotlib)")
+    args = parser.parse_args(argv)
+    return {"verify": cmd_verify, "bench": cmd_bench}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
