@@ -61,3 +61,56 @@ def to_acc(z):
         return z
     else:
         return z.to(tl.float32)
+
+
+@triton.jit
+def row_softmax_stats(row_ptr, V, inv_t, BLOCK_V: tl.constexpr):
+    """One pass over a row of logits: (lse, entropy) of softmax(row * inv_t).
+
+    The first block seeds the per-lane states (so float64 rows stay float64), later
+    blocks are merged lane by lane, and the lanes are folded once at the end.
+    """
+    offs = tl.arange(0, BLOCK_V)
+    x = to_acc(tl.load(row_ptr + offs, mask=offs < V, other=float("-inf"))) * inv_t
+    m, s, t = lse_state(x)
+    for start in range(BLOCK_V, V, BLOCK_V):
+        cols = start + offs
+        x = to_acc(tl.load(row_ptr + cols, mask=cols < V, other=float("-inf"))) * inv_t
+        xm, xs, xt = lse_state(x)
+        m, s, t = lse_merge(m, s, t, xm, xs, xt)
+    m, s, t = lse_reduce(m, s, t)
+    log_s = tl.log(s)
+    return m + log_s, log_s - t / s
+
+
+@triton.jit
+def store_softmax_grad(
+    row_ptr, grad_row_ptr, label, lse, entropy, g_lp, g_h, inv_t, V,
+    BLOCK_V: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
+):
+    """Write dL/dz for L = g_lp * logp_label + g_h * H over one row (z = logits, x = z * inv_t):
+
+        dL/dz_j = inv_t * [ g_lp * (1[j = label] - p_j) - g_h * p_j * (log p_j + H) ]
+
+    One read and one write per element; ``grad_row_ptr`` may equal ``row_ptr``
+    (each block is read before the same program overwrites it).
+    """
+    offs = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        in_row = cols < V
+        x = to_acc(tl.load(row_ptr + cols, mask=in_row, other=0.0)) * inv_t
+        log_p = x - lse
+        p = tl.exp(log_p)
+        g = tl.where(cols == label, g_lp, 0.0) - g_lp * p
+        if HAS_GRAD_ENTROPY:
+            g -= g_h * p * (log_p + entropy)
+        tl.store(grad_row_ptr + cols, (g * inv_t).to(grad_row_ptr.dtype.element_ty), mask=in_row)
+
+
+@triton.jit
+def store_zero_row(grad_row_ptr, V, BLOCK_V: tl.constexpr):
+    offs = tl.arange(0, BLOCK_V)
+    zero = tl.zeros([BLOCK_V], dtype=grad_row_ptr.dtype.element_ty)
+    for start in range(0, V, BLOCK_V):
+        tl.store(grad_row_ptr + start + offs, zero, mask=start + offs < V)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._online import lse_merge, lse_reduce, lse_state, to_acc
+from ._online import row_softmax_stats, store_softmax_grad, store_zero_row, to_acc
 
 __all__ = ["token_logprobs_fwd", "token_logprobs_bwd", "pick_block_v"]
 
@@ -47,24 +47,12 @@ def _token_logprobs_fwd_kernel(
         return
     row_ptr = logits_ptr + row * stride_row
     inv_t = 1.0 / temperature
-    offs = tl.arange(0, BLOCK_V)
-
-    x = to_acc(tl.load(row_ptr + offs, mask=offs < V, other=float("-inf"))) * inv_t
-    m, s, t = lse_state(x)
-    for start in range(BLOCK_V, V, BLOCK_V):
-        cols = start + offs
-        x = to_acc(tl.load(row_ptr + cols, mask=cols < V, other=float("-inf"))) * inv_t
-        xm, xs, xt = lse_state(x)
-        m, s, t = lse_merge(m, s, t, xm, xs, xt)
-    m, s, t = lse_reduce(m, s, t)
-
-    log_s = tl.log(s)
-    lse = m + log_s
+    lse, entropy = row_softmax_stats(row_ptr, V, inv_t, BLOCK_V)
     # labels are validated on the host; the mask keeps a bad one from reading out of bounds
     in_vocab = (label >= 0) & (label < V)
     x_label = to_acc(tl.load(row_ptr + label, mask=in_vocab, other=0.0)) * inv_t
     tl.store(logp_ptr + row, x_label - lse)
-    tl.store(entropy_ptr + row, log_s - t / s)
+    tl.store(entropy_ptr + row, entropy)
     tl.store(lse_ptr + row, lse)
 
 
@@ -91,30 +79,19 @@ def _token_logprobs_bwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
-    row_ptr = logits_ptr + row * stride_row
     grad_row_ptr = grad_ptr + row * stride_grad_row
-    offs = tl.arange(0, BLOCK_V)
     if label == ignore_index:
-        zero = tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty)
-        for start in range(0, V, BLOCK_V):
-            tl.store(grad_row_ptr + start + offs, zero, mask=start + offs < V)
+        store_zero_row(grad_row_ptr, V, BLOCK_V)
         return
-    inv_t = 1.0 / temperature
-    lse = tl.load(lse_ptr + row)
-    g_lp = tl.load(grad_logp_ptr + row)
+    g_h = 0.0
+    h = 0.0
     if HAS_GRAD_ENTROPY:
         g_h = tl.load(grad_entropy_ptr + row)
         h = tl.load(entropy_ptr + row)
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        in_row = cols < V
-        x = to_acc(tl.load(row_ptr + cols, mask=in_row, other=0.0)) * inv_t
-        log_p = x - lse
-        p = tl.exp(log_p)
-        g = tl.where(cols == label, g_lp, 0.0) - g_lp * p
-        if HAS_GRAD_ENTROPY:
-            g -= g_h * p * (log_p + h)
-        tl.store(grad_row_ptr + cols, (g * inv_t).to(grad_ptr.dtype.element_ty), mask=in_row)
+    store_softmax_grad(
+        logits_ptr + row * stride_row, grad_row_ptr, label, tl.load(lse_ptr + row), h,
+        tl.load(grad_logp_ptr + row), g_h, 1.0 / temperature, V, BLOCK_V, HAS_GRAD_ENTROPY,
+    )
 
 
 def pick_block_v(vocab: int) -> int:
