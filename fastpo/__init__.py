@@ -1,15 +1,35 @@
 """fastpo: fused kernels for LLM policy optimization losses.
 
 Importing fastpo never imports triton, never initialises CUDA and never builds anything:
-backends load on first use.
+backends load on first use. On a machine without CUDA it sets TRITON_INTERPRET=1 (unless
+set) so the Triton backend runs on CPU tensors through Triton's interpreter.
 """
 from ._env import configure_triton_interpreter as _configure
 
 _configure()
 
-from . import ops as _ops  # noqa: F401  (registers the ops)
-from .functional.token_logprobs import token_logprobs
+from . import ops as _ops  # noqa: E402,F401  (registers the ops)
+from . import presets  # noqa: E402
+from .config import PolicyLossConfig, PolicyLossOutput  # noqa: E402
+from .functional.advantages import gae, value_loss, whiten  # noqa: E402
+from .functional.kl_penalty import kl_penalty  # noqa: E402
+from .functional.policy_loss import policy_loss, policy_loss_from_logprobs  # noqa: E402
+from .functional.token_logprobs import token_logprobs  # noqa: E402
+from .modules.policy import PolicyLoss, ValueLoss  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["token_logprobs"]
+__all__ = [
+    "PolicyLoss",
+    "PolicyLossConfig",
+    "PolicyLossOutput",
+    "ValueLoss",
+    "gae",
+    "kl_penalty",
+    "policy_loss",
+    "policy_loss_from_logprobs",
+    "presets",
+    "token_logprobs",
+    "value_loss",
+    "whiten",
+]

@@ -1,0 +1,227 @@
+"""Triton kernel of the fused PPO-family policy loss (variants "ppo" and "cispo").
+
+One program per token row. Pass 1 (``row_softmax_stats``) gives the logsumexp and
+entropy; the label's logit gives logp. Then, per token, the ratio, the clipped
+surrogate (asymmetric clip, TRL's ratio cap, dual clip), the KL penalty and the
+entropy bonus — values and their derivatives d L / d logp. Because the
+aggregation weight ``w`` of every token is known before the kernel runs, pass 2
+(``store_softmax_grad``) writes dL/dlogits right away, into a buffer or over the
+logits themselves; the backward only scales by the upstream scalar.
+
+Derivatives follow PyTorch's autograd of the reference exactly, including its
+conventions at ties (``maximum``/``minimum`` split the gradient evenly) and at
+clamp boundaries (inclusive), so the fused gradient equals the composed one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._online import row_softmax_stats, store_softmax_grad, store_zero_row, to_acc
+from .token_logprobs import _num_warps, pick_block_v
+
+__all__ = ["PolicyKernelArgs", "policy_loss_fwd", "KL_KINDS", "VARIANT_CODES"]
+
+VARIANT_CODES = {"ppo": 0, "cispo": 2}
+KL_KINDS = {"k1": 1, "k2": 2, "k3": 3, "abs": 4}
+INF = float("inf")
+
+
+@dataclass(frozen=True)
+class PolicyKernelArgs:
+    """Kernel-ready options: disabled limits are +inf (runtime values, no recompiles)."""
+
+    variant: int
+    clip_low: float
+    clip_high: float
+    ratio_cap: float
+    dual_clip: float  # inf when off (HAS_DUAL False)
+    logratio_clamp: float
+    kl_kind: int  # 0 when no KL term
+    kl_straight: bool
+    kl_clamp: float
+    kl_coef: float
+    entropy_coef: float
+    temperature: float
+    ignore_index: int
+
+    @classmethod
+    def from_config(cls, config, *, has_ref: bool, ignore_index: int) -> "PolicyKernelArgs":
+        def inf_if_none(x):
+            return INF if x is None else float(x)
+
+        use_kl = has_ref and float(config.kl_coef) != 0.0
+        return cls(
+            variant=VARIANT_CODES[config.variant],
+            clip_low=float(config.clip_low), clip_high=float(config.clip_high),
+            ratio_cap=inf_if_none(config.ratio_cap), dual_clip=inf_if_none(config.dual_clip),
+            logratio_clamp=inf_if_none(config.logratio_clamp),
+            kl_kind=KL_KINDS[config.kl_estimator.rstrip("+")] if use_kl else 0,
+            kl_straight=config.kl_estimator.endswith("+"), kl_clamp=inf_if_none(config.kl_clamp),
+            kl_coef=float(config.kl_coef), entropy_coef=float(config.entropy_coef),
+            temperature=float(config.temperature), ignore_index=int(ignore_index),
+        )
+
+
+@triton.jit
+def _clamp_with_grad(x, dx, lo, hi):
+    """torch.clamp(x, lo, hi) and its gradient (passes where lo <= x <= hi)."""
+    inside = (x >= lo) & (x <= hi)
+    return tl.minimum(tl.maximum(x, lo), hi), tl.where(inside, dx, 0.0)
+
+
+@triton.jit
+def _surrogate(logp, old, adv, clip_low, clip_high, ratio_cap, dual_clip, logratio_clamp,
+               VARIANT: tl.constexpr, HAS_DUAL: tl.constexpr):
+    """Per-token clipped policy-gradient loss L and dL/dlogp (scalars)."""
+    log_ratio, d_lr = _clamp_with_grad(logp - old, 1.0, -logratio_clamp, logratio_clamp)
+    ratio = tl.exp(log_ratio)
+    d_ratio = ratio * d_lr
+    clipped, d_clipped = _clamp_with_grad(ratio, d_ratio, 1.0 - clip_low, 1.0 + clip_high)
+    if VARIANT == 2:  # cispo: -sg[clip(r)] * A * logp
+        loss = -clipped * adv * logp
+        d_loss = -clipped * adv
+    else:
+        unclipped, d_unclipped = _clamp_with_grad(ratio, d_ratio, -float("inf"), ratio_cap)
+        pg1 = -adv * unclipped
+        pg2 = -adv * clipped
+        loss = tl.maximum(pg1, pg2)
+        g1 = -adv * d_unclipped
+        g2 = -adv * d_clipped
+        d_loss = tl.where(pg1 > pg2, g1, tl.where(pg1 < pg2, g2, 0.5 * (g1 + g2)))
+        if HAS_DUAL:
+            bound = -adv * dual_clip
+            d_dual = tl.where(loss < bound, d_loss, tl.where(loss > bound, 0.0, 0.5 * d_loss))
+            neg = adv < 0
+            d_loss = tl.where(neg, d_dual, d_loss)
+            loss = tl.where(neg, tl.minimum(loss, bound), loss)
+    return loss, d_loss
+
+
+@triton.jit
+def _kl_term(d, kl_clamp, KL_KIND: tl.constexpr, KL_STRAIGHT: tl.constexpr):
+    """KL estimate of d = logp - ref and its derivative in d (see reference/kl_penalty.py)."""
+    if KL_KIND == 1:
+        value = d
+        d_value = d * 0.0 + 1.0
+    elif KL_KIND == 2:
+        value = 0.5 * d * d
+        d_value = d
+    elif KL_KIND == 3:
+        neg, d_neg = _clamp_with_grad(-d, 1.0, -(kl_clamp + 1.0), tl.log(2.0 * kl_clamp + 2.0))
+        e = tl.exp(neg)
+        value = e - neg - 1.0
+        d_value = -(e - 1.0) * d_neg
+    else:
+        value = tl.abs(d)
+        d_value = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+    value, d_value = _clamp_with_grad(value, d_value, -kl_clamp, kl_clamp)
+    if KL_STRAIGHT:
+        d_value = d
+    return value, d_value
+
+
+@triton.jit
+def _policy_loss_fwd_kernel(
+    # pointers
+    logits_ptr,  # [N, V] fp32/bf16/fp16/fp64, unit stride along V
+    labels_ptr,  # [N] int64; masked tokens carry ignore_index
+    old_ptr,  # [N] fp32 old log-probs
+    adv_ptr,  # [N] fp32 advantages (per token)
+    ref_ptr,  # [N] fp32 reference log-probs (read only when KL_KIND > 0)
+    weight_ptr,  # [N] fp32 d loss / d per_token_loss (aggregation weight, 0 where masked)
+    loss_ptr,  # [N] out: per-token loss
+    logp_ptr,  # [N] out: log-prob of the label
+    entropy_ptr,  # [N] out: entropy
+    grad_ptr,  # [N, V] out (WRITE_GRAD): dL/dlogits in logits dtype; may alias logits_ptr
+    # sizes and strides
+    V,
+    stride_row,
+    stride_grad_row,
+    # runtime hyper-parameters
+    clip_low, clip_high, ratio_cap, dual_clip, logratio_clamp,
+    kl_clamp, kl_coef, entropy_coef, temperature, ignore_index,
+    # structural
+    BLOCK_V: tl.constexpr,
+    VARIANT: tl.constexpr,
+    HAS_DUAL: tl.constexpr,
+    KL_KIND: tl.constexpr,
+    KL_STRAIGHT: tl.constexpr,
+    HAS_ENTROPY_TERM: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    grad_row_ptr = grad_ptr + row * stride_grad_row
+    if label == ignore_index:
+        tl.store(loss_ptr + row, 0.0)
+        tl.store(logp_ptr + row, 0.0)
+        tl.store(entropy_ptr + row, 0.0)
+        if WRITE_GRAD:
+            store_zero_row(grad_row_ptr, V, BLOCK_V)
+        return
+    row_ptr = logits_ptr + row * stride_row
+    inv_t = 1.0 / temperature
+    lse, entropy = row_softmax_stats(row_ptr, V, inv_t, BLOCK_V)
+    in_vocab = (label >= 0) & (label < V)
+    logp = to_acc(tl.load(row_ptr + label, mask=in_vocab, other=0.0)) * inv_t - lse
+
+    loss, d_loss = _surrogate(
+        logp, tl.load(old_ptr + row), tl.load(adv_ptr + row),
+        clip_low, clip_high, ratio_cap, dual_clip, logratio_clamp, VARIANT, HAS_DUAL,
+    )
+    if KL_KIND > 0:
+        kl, d_kl = _kl_term(logp - tl.load(ref_ptr + row), kl_clamp, KL_KIND, KL_STRAIGHT)
+        loss += kl_coef * kl
+        d_loss += kl_coef * d_kl
+    if HAS_ENTROPY_TERM:
+        loss -= entropy_coef * entropy
+    tl.store(loss_ptr + row, loss)
+    tl.store(logp_ptr + row, logp)
+    tl.store(entropy_ptr + row, entropy)
+    if WRITE_GRAD:
+        w = tl.load(weight_ptr + row)
+        store_softmax_grad(
+            row_ptr, grad_row_ptr, label, lse, entropy, w * d_loss, -w * entropy_coef, inv_t, V,
+            BLOCK_V, HAS_ENTROPY_TERM,
+        )
+
+
+def policy_loss_fwd(
+    logits: torch.Tensor,  # [N, V], stride(1) == 1
+    labels: torch.Tensor,  # [N] int64, masked tokens = ignore_index
+    old_logprobs: torch.Tensor,  # [N] fp32/fp64
+    advantages: torch.Tensor,  # [N]
+    ref_logprobs: torch.Tensor | None,  # [N] or None
+    weight: torch.Tensor,  # [N]
+    args: PolicyKernelArgs,
+    grad_out: torch.Tensor | None,  # [N, V] logits dtype (may be `logits`), or None: no gradient
+    *,
+    block_v: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the fused kernel; returns ``(per_token_loss, logp, entropy)`` ([N] each)."""
+    n, v = logits.shape
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    loss = torch.empty(n, dtype=acc, device=logits.device)
+    logp, entropy = torch.empty_like(loss), torch.empty_like(loss)
+    if n == 0:
+        return loss, logp, entropy
+    block = block_v or pick_block_v(v)
+    write_grad = grad_out is not None
+    grad = grad_out if write_grad else logits  # never written when WRITE_GRAD is False
+    _policy_loss_fwd_kernel[(n,)](
+        logits, labels, old_logprobs, advantages,
+        ref_logprobs if ref_logprobs is not None else old_logprobs, weight,
+        loss, logp, entropy, grad,
+        v, logits.stride(0), grad.stride(0),
+        args.clip_low, args.clip_high, args.ratio_cap, args.dual_clip, args.logratio_clamp,
+        args.kl_clamp, args.kl_coef, args.entropy_coef, args.temperature, args.ignore_index,
+        BLOCK_V=block, VARIANT=args.variant, HAS_DUAL=args.dual_clip != INF,
+        KL_KIND=args.kl_kind, KL_STRAIGHT=args.kl_straight,
+        HAS_ENTROPY_TERM=args.entropy_coef != 0.0, WRITE_GRAD=write_grad,
+        num_warps=_num_warps(block),
+    )
+    return loss, logp, entropy

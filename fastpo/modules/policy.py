@@ -1,0 +1,127 @@
+"""``PolicyLoss`` and ``ValueLoss``: ``nn.Module`` wrappers of the PPO-family losses.
+
+``PolicyLoss`` holds a frozen ``PolicyLossConfig``; ``forward`` computes from per-token
+log-probs (``forward_from_logprobs``). The fused from-logits path (``fastpo.policy_loss``)
+will be added as a separate method next to it, sharing the config.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from fastpo.config import PolicyLossConfig, PolicyLossOutput
+from fastpo.functional.advantages import check_value_loss_args, value_loss
+from fastpo.functional.policy_loss import policy_loss_from_logprobs
+
+__all__ = ["PolicyLoss", "ValueLoss"]
+
+
+class PolicyLoss(nn.Module):
+    """Clipped policy-gradient loss (PPO / GRPO / DAPO / Dr. GRPO / GSPO / CISPO).
+
+    ``PolicyLoss(config)`` or ``PolicyLoss(clip_high=0.28, agg="token-mean", ...)`` (keyword
+    overrides are applied to ``config`` or to the defaults). Presets:
+    ``PolicyLoss(fastpo.presets.trl_grpo(loss_type="dapo"))``. The config is validated at
+    construction and can be swapped between steps (``module.config = ...``); no parameters,
+    no buffers. Formulas and shapes: ``fastpo.functional.policy_loss.policy_loss_from_logprobs``.
+    """
+
+    def __init__(self, config: PolicyLossConfig | None = None, **overrides) -> None:
+        super().__init__()
+        if config is None:
+            config = PolicyLossConfig(**overrides)
+        elif not isinstance(config, PolicyLossConfig):
+            raise TypeError(f"config must be a fastpo.PolicyLossConfig, got {type(config).__name__}")
+        elif overrides:
+            config = dataclasses.replace(config, **overrides)
+        self.config = config
+
+    def forward(
+        self,
+        logprobs: torch.Tensor,  # [B, T]
+        old_logprobs: torch.Tensor,  # [B, T]
+        advantages: torch.Tensor,  # [B] or [B, T]
+        mask: torch.Tensor,  # [B, T]
+        ref_logprobs: torch.Tensor | None = None,  # [B, T]
+        entropy: torch.Tensor | None = None,  # [B, T]
+        num_tokens=None,
+        num_sequences=None,
+    ) -> PolicyLossOutput:
+        """``PolicyLossOutput(loss, per_token_loss, metrics)`` from per-token log-probs."""
+        return self.forward_from_logprobs(
+            logprobs,
+            old_logprobs,
+            advantages,
+            mask,
+            ref_logprobs=ref_logprobs,
+            entropy=entropy,
+            num_tokens=num_tokens,
+            num_sequences=num_sequences,
+        )
+
+    def forward_from_logprobs(
+        self,
+        logprobs: torch.Tensor,
+        old_logprobs: torch.Tensor,
+        advantages: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        ref_logprobs: torch.Tensor | None = None,
+        entropy: torch.Tensor | None = None,
+        num_tokens=None,
+        num_sequences=None,
+    ) -> PolicyLossOutput:
+        return policy_loss_from_logprobs(
+            logprobs,
+            old_logprobs,
+            advantages,
+            mask,
+            ref_logprobs=ref_logprobs,
+            entropy=entropy,
+            config=self.config,
+            num_tokens=num_tokens,
+            num_sequences=num_sequences,
+        )
+
+    def extra_repr(self) -> str:
+        return repr(self.config)
+
+
+class ValueLoss(nn.Module):
+    """Clipped PPO value loss, ``0.5 * max((v - R)^2, (v_clip - R)^2)`` aggregated by ``agg``.
+
+    See ``fastpo.functional.advantages.value_loss``. ``clip=None`` disables clipping.
+    """
+
+    def __init__(self, clip: float | None = 0.2, agg: str = "token-mean", agg_scale: float | None = None) -> None:
+        super().__init__()
+        check_value_loss_args(clip, agg, agg_scale)
+        self.clip = None if clip is None else float(clip)
+        self.agg = agg
+        self.agg_scale = None if agg_scale is None else float(agg_scale)
+
+    def forward(
+        self,
+        values: torch.Tensor,  # [B, T]
+        old_values: torch.Tensor,  # [B, T]
+        returns: torch.Tensor,  # [B, T]
+        mask: torch.Tensor,  # [B, T]
+        num_tokens=None,
+        num_sequences=None,
+    ) -> torch.Tensor:
+        return value_loss(
+            values,
+            old_values,
+            returns,
+            mask,
+            clip=self.clip,
+            agg=self.agg,
+            num_tokens=num_tokens,
+            num_sequences=num_sequences,
+            agg_scale=self.agg_scale,
+        )
+
+    def extra_repr(self) -> str:
+        return f"clip={self.clip}, agg={self.agg!r}, agg_scale={self.agg_scale}"

@@ -1,0 +1,415 @@
+"""Presets: each library's policy loss re-derived here from its source (TRL GRPOTrainer
+._compute_loss, verl compute_policy_loss_vanilla + agg_loss + kl_penalty, OpenRLHF
+PolicyLoss + actor KL/entropy terms) and compared, values and gradients, in float64 and
+float32, with fastpo driven by the preset's config and the documented call-time counts."""
+import collections
+import types
+
+import pytest
+import torch
+
+from fastpo import presets
+from fastpo.functional.policy_loss import policy_loss_from_logprobs
+
+B, T = 5, 6
+
+
+def _batch(dtype=torch.float64, seed=0, empty_row=True, per_token_adv=False):
+    g = torch.Generator().manual_seed(seed)
+    lp = torch.randn(B, T, generator=g, dtype=torch.float64) * 0.5 - 1.5
+    old = lp + 0.5 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    ref = lp + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    ent = torch.rand(B, T, generator=g, dtype=torch.float64) * 2.0
+    adv = torch.randn((B, T) if per_token_adv else (B,), generator=g, dtype=torch.float64)
+    lengths = torch.tensor([6, 3, 0 if empty_row else 2, 1, 5])
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
+    cast = lambda x: x.to(dtype)  # noqa: E731
+    return cast(lp).requires_grad_(), cast(old), cast(adv), mask, cast(ref), cast(ent).requires_grad_()
+
+
+def _compare(ours, theirs, wrt, dtype):
+    """Loss values and gradients w.r.t. each tensor in ``wrt`` (pairs: ours, theirs)."""
+    tol = dict(rtol=1e-8, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.double(), theirs.double(), **tol)
+    g_ours = torch.autograd.grad(ours, [a for a, _ in wrt], allow_unused=True)
+    g_theirs = torch.autograd.grad(theirs, [b for _, b in wrt], allow_unused=True)
+    for a, b in zip(g_ours, g_theirs):
+        if b is None:
+            assert a is None or not a.any()
+        else:
+            torch.testing.assert_close(a.double(), b.double(), **tol)
+
+
+# ----------------------------------------------------------------------------- TRL
+def _trl_loss(lp, old, ref, adv, mask, *, loss_type, epsilon, epsilon_high, beta, delta, level,
+              max_completion_length=512, num_items_in_batch=None, num_processes=1, grad_accum=1,
+              steps_per_generation=None, ent=None, entropy_coef=0.0):
+    """TRL 1.16 GRPOTrainer._compute_loss (training mode, use_bias_correction_kl=False)."""
+    mask = mask.to(lp.dtype)
+    adv = adv.unsqueeze(1)
+    if beta != 0.0:
+        per_token_kl = torch.exp(ref - lp) - (ref - lp) - 1
+    log_ratio = lp - old
+    if level == "token":
+        liw = log_ratio
+    else:
+        liw = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(liw)
+    if loss_type == "cispo":
+        clamped = torch.clamp(coef_1, max=epsilon_high).detach()
+        ptl = -clamped * adv * lp
+    else:
+        coef_2 = torch.clamp(coef_1, 1 - epsilon, 1 + epsilon_high)
+        if delta is not None:
+            coef_1 = torch.clamp(coef_1, max=delta)
+        ptl = -torch.min(coef_1 * adv, coef_2 * adv)
+    if beta != 0.0:
+        ptl = ptl + beta * per_token_kl
+    if loss_type == "grpo":
+        loss = ((ptl * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / grad_accum
+    elif loss_type == "bnpo":
+        loss = (ptl * mask).sum() / mask.sum().clamp(min=1.0) / grad_accum
+    elif loss_type == "dr_grpo":
+        loss = (ptl * mask).sum() / (ptl.size(0) * max_completion_length) / grad_accum
+    else:  # dapo, cispo
+        spg = grad_accum if steps_per_generation is None else steps_per_generation
+        normalizer = torch.as_tensor(float(num_items_in_batch)).clamp(min=1.0) / num_processes * grad_accum / spg
+        loss = (ptl * mask).sum() / normalizer
+    if entropy_coef != 0.0:
+        loss = loss - entropy_coef * ((ent * mask).sum() / mask.sum().clamp(min=1.0) / grad_accum)
+    return loss
+
+
+TRL_SETTINGS = {
+    "defaults": dict(epsilon=0.2, epsilon_high=None, beta=0.0, delta=None),
+    "clip_higher_kl": dict(epsilon=0.2, epsilon_high=0.28, beta=0.04, delta=None),
+    "two_sided_delta": dict(epsilon=0.2, epsilon_high=0.28, beta=0.001, delta=1.3),  # INTELLECT-2
+}
+
+
+def _trl_call_counts(loss_type, mask, G, items, procs, spg):
+    """The documented call-time normalisers of presets.trl_grpo."""
+    if loss_type in ("grpo", "dr_grpo"):
+        return dict(num_sequences=B * G)
+    if loss_type == "bnpo":
+        return dict(num_tokens=max(1, int(mask.sum())) * G)
+    return dict(num_tokens=max(1.0, items) / procs * G / spg)
+
+
+@pytest.mark.parametrize("setting", list(TRL_SETTINGS))
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])  # sequence = GSPO, (B, 1) weights in TRL
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_trl_grpo_family(setting, loss_type, level, dtype):
+    opts = TRL_SETTINGS[setting]
+    lp, old, adv, mask, ref, _ = _batch(dtype)
+    mcl = 8  # max_completion_length != T so that dr_grpo's constant is visible
+    cfg = presets.trl_grpo(loss_type=loss_type, importance_sampling_level=level, max_completion_length=mcl,
+                           use_bias_correction_kl=False, **opts)
+    G, procs, spg = 2, 2, 4  # gradient accumulation, processes, steps_per_generation
+    items = float(mask.sum()) * 8 + 17  # tokens of the whole generation batch
+    call = _trl_call_counts(loss_type, mask, G, items, procs, spg)
+    ours = policy_loss_from_logprobs(lp, old, adv, mask, ref_logprobs=ref, config=cfg, **call).loss
+    lp2 = lp.detach().clone().requires_grad_()
+    eps_high = opts["epsilon"] if opts["epsilon_high"] is None else opts["epsilon_high"]
+    theirs = _trl_loss(lp2, old, ref, adv, mask, loss_type=loss_type, epsilon=opts["epsilon"], epsilon_high=eps_high,
+                       beta=opts["beta"], delta=opts["delta"], level=level, max_completion_length=mcl,
+                       num_items_in_batch=items, num_processes=procs, grad_accum=G, steps_per_generation=spg)
+    _compare(ours, theirs, [(lp, lp2)], dtype)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_trl_cispo(beta, dtype):
+    lp, old, adv, mask, ref, _ = _batch(dtype)
+    cfg = presets.trl_grpo(loss_type="cispo", epsilon_high=1.3, beta=beta, use_bias_correction_kl=False)
+    items = float(mask.sum())
+    ours = policy_loss_from_logprobs(lp, old, adv, mask, ref_logprobs=ref, config=cfg, num_tokens=items).loss
+    lp2 = lp.detach().clone().requires_grad_()
+    theirs = _trl_loss(lp2, old, ref, adv, mask, loss_type="cispo", epsilon=0.2, epsilon_high=1.3, beta=beta,
+                       delta=None, level="token", num_items_in_batch=items)
+    _compare(ours, theirs, [(lp, lp2)], dtype)
+
+
+def test_trl_bnpo_entropy_bonus():
+    # TRL 1.16 entropy bonus: a local token mean / G, which only bnpo's aggregation shares
+    lp, old, adv, mask, ref, ent = _batch()
+    G = 3
+    cfg = presets.trl_grpo(loss_type="bnpo", entropy_coef=0.01)
+    ours = policy_loss_from_logprobs(lp, old, adv, mask, entropy=ent, config=cfg,
+                                     num_tokens=max(1, int(mask.sum())) * G).loss
+    lp2, ent2 = lp.detach().clone().requires_grad_(), ent.detach().clone().requires_grad_()
+    theirs = _trl_loss(lp2, old, ref, adv, mask, loss_type="bnpo", epsilon=0.2, epsilon_high=0.2, beta=0.0,
+                       delta=None, level="token", grad_accum=G, ent=ent2, entropy_coef=0.01)
+    _compare(ours, theirs, [(lp, lp2), (ent, ent2)], torch.float64)
+
+
+def _installed_trl_loss(module, lp, ent, inputs, *, loss_type, level, eps_high, beta, delta, G, procs, spg, mcl):
+    """Call the installed GRPOTrainer._compute_loss on a stand-in trainer: only the model
+    forward (which returns our log-probs) and the distributed plumbing are faked."""
+    ns = types.SimpleNamespace
+    args = ns(delta=delta, use_bias_correction_kl=False, steps_per_generation=spg)
+    accelerator = ns(gather=lambda x: x, gather_for_metrics=lambda x: x, reduce=lambda x, reduction="sum": x,
+                     num_processes=procs, sync_gradients=True)
+    fake = ns(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (lp, ent, None),
+        aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None, beta=beta,
+        importance_sampling_level=level, epsilon_low=0.2, epsilon_high=eps_high, loss_type=loss_type,
+        max_completion_length=mcl, args=args, accelerator=accelerator, model=ns(training=True),
+        _metrics={"train": collections.defaultdict(list)}, current_gradient_accumulation_steps=G, use_vllm=False,
+        vllm_importance_sampling_correction=False, _entropy_bonus_enabled=False, use_adaptive_entropy=False,
+    )
+    return module.GRPOTrainer._compute_loss(fake, None, inputs)
+
+
+@pytest.mark.parametrize(
+    "loss_type,level,beta,delta",
+    [
+        ("grpo", "token", 0.04, None),
+        ("grpo", "sequence", 0.0, None),  # GSPO
+        ("bnpo", "token", 0.04, 1.3),
+        ("dr_grpo", "token", 0.001, None),
+        ("dapo", "token", 0.04, 1.3),
+        ("dapo", "sequence", 0.0, 1.2),
+        ("cispo", "token", 0.04, None),
+    ],
+)
+def test_against_installed_trl(loss_type, level, beta, delta):
+    """Where trl is installed, its own _compute_loss is the oracle (values and gradients).
+    Skips without trl, or when that trl version needs attributes the stand-in lacks."""
+    module = pytest.importorskip("trl.trainer.grpo_trainer")
+    lp, old, adv, mask, ref, ent = _batch(torch.float32)
+    G, procs, spg, mcl = 2, 2, 4, 16
+    eps_high = 1.3 if loss_type == "cispo" else 0.28
+    items = torch.tensor(float(mask.sum()) * 8 + 5)
+    cfg = presets.trl_grpo(loss_type=loss_type, epsilon=0.2, epsilon_high=eps_high, beta=beta, delta=delta,
+                           importance_sampling_level=level, max_completion_length=mcl, use_bias_correction_kl=False)
+    call = _trl_call_counts(loss_type, mask, G, float(items), procs, spg)
+    ours = policy_loss_from_logprobs(lp, old, adv, mask, ref_logprobs=ref, config=cfg, **call).loss
+    lp2 = lp.detach().clone().requires_grad_()
+    inputs = {
+        "prompt_ids": torch.zeros(B, 1, dtype=torch.long), "prompt_mask": torch.ones(B, 1, dtype=torch.long),
+        "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask, "advantages": adv,
+        "old_per_token_logps": old, "ref_per_token_logps": ref, "num_items_in_batch": items,
+    }
+    try:
+        theirs = _installed_trl_loss(module, lp2, ent.detach(), inputs, loss_type=loss_type, level=level,
+                                     eps_high=eps_high, beta=beta, delta=delta, G=G, procs=procs, spg=spg, mcl=mcl)
+    except (AttributeError, KeyError, TypeError) as exc:
+        pytest.skip(f"this trl version's _compute_loss needs more than the stand-in provides: {exc!r}")
+    _compare(ours, theirs, [(lp, lp2)], torch.float32)
+
+
+# ----------------------------------------------------------------------------- verl
+def _verl_kl(lp, ref, kl_type):
+    base = kl_type.rstrip("+")
+    if base in ("kl", "k1"):
+        fwd = lp - ref
+    elif base == "abs":
+        fwd = (lp - ref).abs()
+    elif base in ("mse", "k2"):
+        fwd = 0.5 * (lp - ref).square()
+    else:
+        kl = torch.clamp(ref - lp, min=-20, max=20)
+        fwd = torch.clamp(torch.exp(kl) - kl - 1, min=-10, max=10)
+    if not kl_type.endswith("+"):
+        return fwd
+    back = 0.5 * (lp - ref).square()
+    return back - back.detach() + fwd.detach()
+
+
+def _verl_agg(loss_mat, loss_mask, mode, dp_size=1, batch_num_tokens=None, global_batch_size=None,
+              loss_scale_factor=None):
+    """verl agg_loss, recent form (global counts, fully masked sequences excluded)."""
+    if mode == "token-mean":
+        n = loss_mask.sum() if batch_num_tokens is None else batch_num_tokens
+        return (loss_mat * loss_mask).sum() / n * dp_size
+    cnt = loss_mask.sum(-1)
+    seq_mask = (cnt > 0).to(loss_mat.dtype)
+    gbs = seq_mask.sum() if global_batch_size is None else global_batch_size
+    if mode == "seq-mean-token-mean":
+        seq_losses = (loss_mat * loss_mask).sum(-1) / (cnt + 1e-8)
+        return (seq_losses * seq_mask).sum() / gbs * dp_size
+    loss = ((loss_mat * loss_mask).sum(-1) * seq_mask).sum() / gbs * dp_size
+    if mode == "seq-mean-token-sum-norm":
+        loss = loss / (loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    return loss
+
+
+def _verl_actor_loss(lp, old, adv, mask, ref, ent, *, lo, hi, c, mode, kl_type=None, kl_coef=0.0, ent_coeff=0.0, **agg):
+    """dp_actor: compute_policy_loss_vanilla - entropy_coeff * agg(entropy) + kl_loss_coef * agg(kl)."""
+    m = mask.to(lp.dtype)
+    neg_kl = torch.clamp(lp - old, min=-20.0, max=20.0)
+    ratio = torch.exp(neg_kl)
+    pg1 = -adv * ratio
+    pg2 = -adv * torch.clamp(ratio, 1 - lo, 1 + hi)
+    cpl1 = torch.maximum(pg1, pg2)
+    cpl2 = torch.min(-adv * c, cpl1)
+    pg_losses = torch.where(adv < 0, cpl2, cpl1)
+    loss = _verl_agg(pg_losses, m, mode, **agg)
+    if ent_coeff != 0:
+        loss = loss - ent_coeff * _verl_agg(ent, m, mode, **agg)
+    if kl_type is not None:
+        loss = loss + kl_coef * _verl_agg(_verl_kl(lp, ref, kl_type), m, mode, **agg)
+    return loss
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize(
+    "kl_type,extra",
+    [
+        (None, dict(clip_ratio_c=3.0)),  # vanilla: dual-clip is always on in verl
+        ("low_var_kl", dict(clip_ratio_low=0.2, clip_ratio_high=0.28, entropy_coeff=1e-3)),
+        ("k3+", dict(clip_ratio_c=1.5)),  # straight-through k3, dual-clip bound active
+        ("kl", dict(clip_ratio=0.1)),
+        ("mse", {}),
+        ("abs", {}),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_verl_vanilla(mode, kl_type, extra, dtype):
+    lp, old, adv, mask, ref, ent = _batch(dtype, per_token_adv=True, seed=3)
+    old = old - 0.8 * (adv < 0)  # ratios above clip_ratio_c where A < 0
+    kl = dict(use_kl_loss=True, kl_loss_coef=0.05, kl_loss_type=kl_type) if kl_type else {}
+    cfg = presets.verl(loss_agg_mode=mode, **kl, **extra)
+    # recent verl: seq-mean counts only non-empty sequences (the empty row is excluded)
+    nonempty = int((mask.sum(-1) > 0).sum())
+    ours = policy_loss_from_logprobs(lp, old, adv, mask, ref_logprobs=ref, entropy=ent, config=cfg,
+                                     num_sequences=nonempty).loss
+    lp2 = lp.detach().clone().requires_grad_()
+    ent2 = ent.detach().clone().requires_grad_()
+    lo = extra.get("clip_ratio_low", extra.get("clip_ratio", 0.2))
+    hi = extra.get("clip_ratio_high", extra.get("clip_ratio", 0.2))
+    theirs = _verl_actor_loss(lp2, old, adv, mask, ref, ent2, lo=lo, hi=hi, c=extra.get("clip_ratio_c", 3.0),
+                              mode=mode, kl_type=kl_type, kl_coef=0.05, ent_coeff=extra.get("entropy_coeff", 0.0))
+    _compare(ours, theirs, [(lp, lp2), (ent, ent2)], dtype)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_verl_data_parallel_counts(mode):
+    # verl: local_sum / global_count * dp_size; fastpo: num_tokens / num_sequences = global / dp_size
+    lp, old, adv, mask, ref, _ = _batch(per_token_adv=True)
+    dp, glob_tokens, glob_seqs = 4, 4 * int(mask.sum()) + 3, 4 * B + 2
+    cfg = presets.verl(loss_agg_mode=mode, loss_scale_factor=16)
+    ours = policy_loss_from_logprobs(lp, old, adv, mask, config=cfg, num_tokens=glob_tokens / dp,
+                                     num_sequences=glob_seqs / dp).loss
+    lp2 = lp.detach().clone().requires_grad_()
+    theirs = _verl_actor_loss(lp2, old, adv, mask, ref, None, lo=0.2, hi=0.2, c=3.0, mode=mode, dp_size=dp,
+                              batch_num_tokens=glob_tokens, global_batch_size=glob_seqs, loss_scale_factor=16)
+    _compare(ours, theirs, [(lp, lp2)], torch.float64)
+
+
+def test_verl_older_token_sum_norm_divides_by_T_only():
+    lp, old, adv, mask, _, _ = _batch(per_token_adv=True)
+    cfg = presets.verl(loss_agg_mode="seq-mean-token-sum-norm")
+    ours = policy_loss_from_logprobs(lp, old, adv, mask, config=cfg, num_sequences=1).loss
+    lp2 = lp.detach().clone().requires_grad_()
+    ratio = torch.exp(torch.clamp(lp2 - old, -20, 20))
+    cpl1 = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 0.8, 1.2))
+    pg = torch.where(adv < 0, torch.min(-adv * 3.0, cpl1), cpl1)
+    theirs = (pg * mask).sum(-1).sum() / T
+    _compare(ours, theirs, [(lp, lp2)], torch.float64)
+
+
+# ----------------------------------------------------------------------------- OpenRLHF
+def _masked_mean(x, m, dim=None):
+    return (x * m).sum(dim=dim) / m.sum(dim=dim)
+
+
+def _openrlhf_loss(lp, old, adv, mask, ref, ent, *, lo, hi, dual, token_level, ptype, kl_est=None, kl_coef=0.0,
+                   ent_coef=0.0):
+    m = mask.to(lp.dtype)
+    if ptype == "ppo":
+        log_ratio = lp - old
+        ratio = log_ratio.exp()
+    else:
+        log_ratio = lp - old
+        ratio_seq = (log_ratio * m).sum(-1) / m.sum(-1).clamp_min(1)
+        ratio = ratio_seq.exp().unsqueeze(-1) * m
+        token_level = False
+    surr1 = ratio * adv
+    surr2 = ratio.clamp(1 - lo, 1 + hi) * adv
+    if dual is None:
+        loss = -torch.min(surr1, surr2)
+    else:
+        clip1 = torch.min(surr1, surr2)
+        loss = -torch.where(adv < 0, torch.max(clip1, dual * adv), clip1)
+    loss = _masked_mean(loss, m) if token_level else _masked_mean(loss, m, -1).mean()
+    if kl_est is not None:
+        lr = lp - ref
+        kl = {"k1": lr, "k2": lr**2 / 2.0, "k3": (-lr).exp() - 1 + lr}[kl_est].clamp(min=-10, max=10)
+        loss = loss + _masked_mean(kl, m) * kl_coef
+    if ent_coef:
+        loss = loss - _masked_mean(ent, m) * ent_coef
+    return loss
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(),  # defaults: symmetric 0.2, token-level
+        dict(clip_eps_low=0.2, clip_eps_high=0.28, dual_clip=3.0),
+        dict(token_level_loss=False, dual_clip=2.0),
+        dict(policy_loss_type="gspo", clip_eps_low=3e-4, clip_eps_high=4e-4),
+        dict(policy_loss_type="gspo", dual_clip=1.5),
+        dict(use_kl_loss=True, init_kl_coef=0.01, kl_estimator="k3", entropy_loss_coef=1e-3),
+        dict(use_kl_loss=True, init_kl_coef=0.1, kl_estimator="k2"),
+        dict(use_kl_loss=True, init_kl_coef=0.1, kl_estimator="k1", dual_clip=3.0),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_openrlhf(opts, dtype):
+    # OpenRLHF has no guard for empty rows in per-sequence means (NaN), so no empty row here;
+    # advantages constant per sequence (GRPO / REINFORCE++ style), broadcast to [B, T] as OpenRLHF does
+    lp, old, adv, mask, ref, ent = _batch(dtype, empty_row=False, seed=4)
+    old = old - 0.6 * (adv[:, None] < 0)
+    adv_bt = adv[:, None].expand(B, T)
+    cfg = presets.openrlhf(**opts)
+    ours = policy_loss_from_logprobs(lp, old, adv_bt, mask, ref_logprobs=ref, entropy=ent, config=cfg).loss
+    lp2 = lp.detach().clone().requires_grad_()
+    ent2 = ent.detach().clone().requires_grad_()
+    theirs = _openrlhf_loss(
+        lp2, old, adv_bt, mask, ref, ent2, lo=opts.get("clip_eps_low", 0.2), hi=opts.get("clip_eps_high", 0.2),
+        dual=opts.get("dual_clip"), token_level=opts.get("token_level_loss", True),
+        ptype=opts.get("policy_loss_type", "ppo"), kl_est=opts.get("kl_estimator") if opts.get("use_kl_loss") else None,
+        kl_coef=opts.get("init_kl_coef", 0.0), ent_coef=opts.get("entropy_loss_coef") or 0.0,
+    )
+    _compare(ours, theirs, [(lp, lp2), (ent, ent2)], dtype)
+
+
+# ----------------------------------------------------------------------------- options
+def test_preset_defaults():
+    cfg = presets.trl_grpo()
+    assert (cfg.variant, cfg.agg, cfg.clip_low, cfg.clip_high, cfg.kl_coef) == ("ppo", "token-mean", 0.2, 0.2, 0.0)
+    cfg = presets.verl()
+    assert (cfg.dual_clip, cfg.logratio_clamp, cfg.kl_coef, cfg.agg) == (3.0, 20.0, 0.0, "token-mean")
+    assert presets.verl(use_kl_loss=True, kl_loss_type="low_var_kl+").kl_estimator == "k3+"
+    cfg = presets.openrlhf()
+    assert (cfg.variant, cfg.agg, cfg.kl_coef, cfg.dual_clip) == ("ppo", "token-mean", 0.0, None)
+    cfg = presets.trl_grpo(loss_type="cispo", epsilon_high=5.0)
+    assert (cfg.variant, cfg.clip_low, cfg.clip_high) == ("cispo", 1.0, 4.0)
+
+
+@pytest.mark.parametrize(
+    "fn,kwargs,match",
+    [
+        (presets.trl_grpo, dict(loss_type="sapo"), "loss_type"),
+        (presets.trl_grpo, dict(importance_sampling_level="group"), "importance_sampling_level"),
+        (presets.trl_grpo, dict(loss_type="cispo", epsilon_high=5.0, importance_sampling_level="sequence"), "cispo"),
+        (presets.trl_grpo, dict(loss_type="cispo"), "epsilon_high"),  # TRL would cap ratios at 0.2
+        (presets.trl_grpo, dict(loss_type="dr_grpo", max_completion_length=None), "max_completion_length"),
+        (presets.trl_grpo, dict(epsilon=-0.1), "clip_low"),
+        (presets.trl_grpo, dict(beta=0.04), "use_bias_correction_kl"),  # TRL 1.16 default: KL * ratio
+        (presets.trl_grpo, dict(loss_type="dapo", entropy_coef=0.01), "entropy"),
+        (presets.verl, dict(kl_loss_type="full"), "kl_loss_type"),
+        (presets.verl, dict(loss_agg_mode="token-mean-unbiased"), "loss_agg_mode"),
+        (presets.verl, dict(clip_ratio_c=1.0), "dual_clip"),
+        (presets.openrlhf, dict(policy_loss_type="reinforce"), "policy_loss_type"),
+        (presets.openrlhf, dict(kl_estimator="k4"), "kl_estimator"),
+        (presets.openrlhf, dict(token_level_loss=False, use_kl_loss=True), "aggregation"),
+        (presets.openrlhf, dict(policy_loss_type="gspo", entropy_loss_coef=0.01), "aggregation"),
+    ],
+)
+def test_preset_bad_options(fn, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fn(**kwargs)
