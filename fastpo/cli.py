@@ -28,9 +28,45 @@ def _environment(device: str) -> dict:
     return env
 
 
+def _rich():
+    """rich's Console/Table/escape; a plain-text stand-in where rich is absent (bare GPU images)."""
+    try:
+        from rich.console import Console
+        from rich.markup import escape
+        from rich.table import Table
+
+        return Console, Table, escape
+    except ImportError:
+        pass
+
+    class PlainTable:
+        def __init__(self, title=""):
+            self.title, self.rows = title, []
+
+        def add_column(self, name):
+            self.__dict__.setdefault("columns", []).append(name)
+
+        def add_row(self, *cells):
+            self.rows.append(cells)
+
+    class PlainConsole:
+        def __init__(self, width=None):
+            pass
+
+        def print(self, obj, highlight=False):
+            if isinstance(obj, PlainTable):
+                print(obj.title)
+                print("\t".join(obj.columns))
+                for row in obj.rows:
+                    print("\t".join(str(c).replace("[green]", "").replace("[bold red]", "").replace("[/]", "") for c in row))
+            else:
+                print(obj)
+
+    return PlainConsole, PlainTable, (lambda text: text)
+
+
 def cmd_verify(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
+    Console, Table, _ = _rich()
 
     from .verify import as_records, run_checks
 
@@ -62,9 +98,7 @@ def _parse_shapes(text: str | None):
 
 
 def cmd_bench(args) -> int:
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
+    Console, Table, escape = _rich()
 
     from .benchmarks import collect_cases, device_peak_gbps, run_case
 
