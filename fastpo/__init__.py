@@ -12,23 +12,31 @@ from . import ops as _ops  # noqa: E402,F401  (registers the ops)
 from . import presets  # noqa: E402
 from .config import PolicyLossConfig, PolicyLossOutput  # noqa: E402
 from .functional.advantages import gae, value_loss, whiten  # noqa: E402
+from .functional.dpo_loss import DPOOutput, dpo_loss, dpo_loss_from_logprobs  # noqa: E402
 from .functional.kl_penalty import kl_penalty  # noqa: E402
 from .functional.policy_loss import policy_loss, policy_loss_from_logprobs  # noqa: E402
+from .functional.sequence_logprobs import sequence_logprobs  # noqa: E402
 from .functional.token_logprobs import token_logprobs  # noqa: E402
+from .modules.dpo import DPOLoss  # noqa: E402
 from .modules.policy import PolicyLoss, ValueLoss  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DPOLoss",
+    "DPOOutput",
     "PolicyLoss",
     "PolicyLossConfig",
     "PolicyLossOutput",
     "ValueLoss",
+    "dpo_loss",
+    "dpo_loss_from_logprobs",
     "gae",
     "kl_penalty",
     "policy_loss",
     "policy_loss_from_logprobs",
     "presets",
+    "sequence_logprobs",
     "token_logprobs",
     "value_loss",
     "whiten",

@@ -57,3 +57,20 @@ def as_rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     return rows, labels.reshape(-1).to(torch.int64).contiguous()
+
+
+def check_sequence_logits(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> int:
+    """Validate per-sequence inputs ``logits [B, T, V]`` / ``labels [B, T]``; returns V."""
+    if isinstance(logits, torch.Tensor) and logits.dim() != 3:
+        raise ValueError(
+            f"logits must have shape [B, T, V] (batch, sequence, vocabulary), got {list(logits.shape)}"
+        )
+    return check_logits_labels(logits, labels, ignore_index)
+
+
+def as_sequences(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, T, V] with unit stride along V (any B, T strides: no copy for a slice such as
+    ``logits[:, :-1]``) and labels [B, T] int64 contiguous."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    return logits, labels.to(torch.int64).contiguous()

@@ -1,9 +1,10 @@
 """DPO-family preference losses (public functions).
 
 ``dpo_loss_from_logprobs`` works on per-sequence log-prob sums and is plain
-PyTorch (the math is O(B), nothing to fuse). The fused-from-logits ``dpo_loss``
-(DESIGN section 4, level 2) will live in this file too and share
-``_check_dpo_args``, ``_check_lengths`` and ``_reduce_dpo`` with it.
+PyTorch (the math is O(B), nothing to fuse). ``dpo_loss`` (DESIGN section 4,
+level 2) goes from the policy's logits: the fused ``sequence_logprobs`` does all
+the vocabulary-sized work, then the same ``dpo_loss_from_logprobs`` math runs on
+the ``[2B]`` sums, so both entry points share one formula place.
 """
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from typing import NamedTuple
 
 import torch
 
+from fastpo._validation import check_sequence_logits, check_temperature
+from fastpo.functional.sequence_logprobs import sequence_logprobs
 from fastpo.reference.dpo_loss import LENGTH_NORMALIZED, LOSS_TYPES, REFERENCE_FREE, dpo_loss_ref
 
-__all__ = ["DPOOutput", "dpo_loss_from_logprobs"]
+__all__ = ["DPOOutput", "dpo_loss_from_logprobs", "dpo_loss"]
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -88,6 +91,35 @@ def _check_lengths(
                     f"{name} must be > 0 for length-normalised loss_type {loss_type!r}: "
                     f"sequence(s) {bad.tolist()[:8]} have no completion tokens"
                 )
+
+
+def _check_logps_types(named: dict, loss_type: str) -> None:
+    """Each per-sequence input is a floating-point tensor; only simpo may omit the reference."""
+    for name, t in named.items():
+        if t is None:
+            if loss_type in REFERENCE_FREE and name.startswith("ref_"):
+                continue
+            if name.startswith("ref_"):
+                raise ValueError(
+                    f"{name} is None: loss_type {loss_type!r} needs reference log-probs "
+                    f"(only {sorted(REFERENCE_FREE)} is reference-free)"
+                )
+            raise ValueError(f"{name} must be a tensor, got None")
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def _check_logps_shapes(named: dict, batch: int, device: torch.device, like: str, where: str) -> None:
+    """Each given per-sequence input is ``[batch]`` on ``device``."""
+    for name, t in named.items():
+        if t is None:
+            continue
+        if tuple(t.shape) != (batch,):
+            raise ValueError(f"{name} must have shape [{batch}] {like}, got {list(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, {where} on {device}")
 
 
 def _reduce_dpo(
@@ -172,32 +204,13 @@ def dpo_loss_from_logprobs(
         "ref_chosen_logps": ref_chosen_logps,
         "ref_rejected_logps": ref_rejected_logps,
     }
-    for name, t in named.items():
-        if t is None:
-            if loss_type in REFERENCE_FREE and name.startswith("ref_"):
-                continue
-            if name.startswith("ref_"):
-                raise ValueError(
-                    f"{name} is None: loss_type {loss_type!r} needs reference log-probs "
-                    f"(only {sorted(REFERENCE_FREE)} is reference-free)"
-                )
-            raise ValueError(f"{name} must be a tensor, got None")
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    _check_logps_types(named, loss_type)
     if chosen_logps.dim() != 1:
         raise ValueError(f"chosen_logps must have shape [B] (one value per sequence), got {list(chosen_logps.shape)}")
     batch, device = chosen_logps.shape[0], chosen_logps.device
     if batch == 0:
         raise ValueError("empty batch: chosen_logps has shape [0]")
-    for name, t in named.items():
-        if t is None:
-            continue
-        if tuple(t.shape) != (batch,):
-            raise ValueError(f"{name} must have shape [{batch}] like chosen_logps, got {list(t.shape)}")
-        if t.device != device:
-            raise ValueError(f"{name} is on {t.device}, chosen_logps on {device}")
+    _check_logps_shapes(named, batch, device, "like chosen_logps", "chosen_logps")
     _check_lengths(loss_type, batch, device, chosen_lengths, rejected_lengths)
 
     losses, chosen_rewards, rejected_rewards = dpo_loss_ref(
@@ -213,3 +226,92 @@ def dpo_loss_from_logprobs(
         rejected_lengths=rejected_lengths,
     )
     return _reduce_dpo(losses, chosen_rewards, rejected_rewards, reduction)
+
+
+def dpo_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    gamma: float = 0.0,
+    reduction: str = "mean",
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+) -> DPOOutput:
+    r"""DPO-family preference loss from the policy's logits (TRL's concatenated forward), fused.
+
+    Args:
+        logits: ``[2B, T, V]`` float32 / bfloat16 / float16, aligned with ``labels`` (for a causal
+            LM: ``logits[:, :-1]`` with ``labels[:, 1:]``; B and T strides are read in place).
+            Rows ``0..B-1`` are the chosen completions, rows ``B..2B-1`` the rejected ones,
+            pair ``i`` being rows ``i`` and ``B + i``.
+        labels: ``[2B, T]`` integer; prompt and padding positions hold ``ignore_index``.
+        ref_chosen_logps, ref_rejected_logps: ``[B]`` float, the reference model's SUMMED
+            completion log-probs on the same device, e.g. ``sequence_logprobs(ref_logits, labels)``
+            under ``torch.no_grad()`` split into halves. ``None`` is accepted for ``"simpo"`` only.
+        beta, loss_type, label_smoothing, gamma, reduction: as in :func:`dpo_loss_from_logprobs`,
+            whose docstring gives every formula.
+        temperature: runtime divisor of the logits.
+        inplace_backward: write dL/dlogits into the logits buffer (no second N x V allocation).
+        backend: ``"auto" | "triton" | "cuda" | "cpu" | "torch"``.
+
+    The policy log-probs are ``c, r = sequence_logprobs(logits, labels)`` split into halves, and
+    the completion lengths ``L_c, L_r`` of the length-normalised ipo, sigmoid_norm and simpo are
+    the counts of non-ignored labels per row; the result is exactly that of
+    ``dpo_loss_from_logprobs(c, r, ref_chosen_logps, ref_rejected_logps, chosen_lengths=L_c,
+    rejected_lengths=L_r, ...)``, since that is what runs.
+
+    Memory traffic, with N = 2B * T rows of V logits: the forward reads the logits once (pass 1)
+    and keeps only ``[N]`` log-sum-exps; the loss math on ``[2B]`` values is negligible; the
+    backward reads the logits once more (pass 2) and writes the gradient once (pass 3), into a
+    new N x V buffer, the only N x V intermediate. Three is the least for an exact gradient
+    that saves no N x V state between forward and backward: p_j needs the row's log-sum-exp,
+    known only after a full read. With ``inplace_backward=True`` the backward rewrites the
+    logits buffer block by block, each block read just before it is overwritten: two sweeps
+    over one N x V buffer (forward read, backward read-modify-write) and no N x V allocation
+    at all; the bytes moved are the same.
+
+    Returns:
+        ``DPOOutput(loss, chosen_rewards, rejected_rewards, margins, accuracy)``.
+
+    Raises:
+        ValueError before any kernel runs: logits not ``[2B, T, V]`` with an even number of
+        rows, labels not ``[2B, T]`` or out of range, reference log-probs not ``[B]`` on the
+        logits' device, bad hyper-parameters, or (length-normalised types) a sequence with no
+        completion token.
+    """
+    _check_dpo_args(beta, loss_type, label_smoothing, reduction, gamma)
+    check_sequence_logits(logits, labels, ignore_index)
+    temperature = check_temperature(temperature)
+    rows = logits.shape[0]
+    if rows == 0 or rows % 2:
+        raise ValueError(
+            f"logits must hold 2B rows (B chosen, then B rejected) with B >= 1, got {rows} rows"
+        )
+    batch, device = rows // 2, logits.device
+    refs = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
+    _check_logps_types(refs, loss_type)
+    _check_logps_shapes(refs, batch, device, f"(one per pair: logits has {rows} rows = 2 x {batch})", "logits")
+    lengths = (labels != ignore_index).sum(-1)
+    if loss_type in LENGTH_NORMALIZED:
+        empty = (lengths == 0).nonzero().flatten()
+        if empty.numel() > 0:
+            raise ValueError(
+                f"loss_type {loss_type!r} divides by the completion length, but row(s) "
+                f"{empty.tolist()[:8]} of labels have no completion token (every label == ignore_index)"
+            )
+    logps = sequence_logprobs(
+        logits, labels, temperature=temperature, ignore_index=ignore_index,
+        inplace_backward=inplace_backward, backend=backend,
+    )
+    return dpo_loss_from_logprobs(
+        logps[:batch], logps[batch:], ref_chosen_logps, ref_rejected_logps,
+        beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma,
+        chosen_lengths=lengths[:batch], rejected_lengths=lengths[batch:], reduction=reduction,
+    )

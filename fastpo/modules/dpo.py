@@ -1,14 +1,15 @@
 """``DPOLoss``: an ``nn.Module`` holding the DPO-family hyper-parameters.
 
-For now it computes from per-sequence log-probs (``forward_from_logprobs``); the
-fused logits forward (``fastpo.dpo_loss``) will be added as ``forward``.
+``forward`` runs the fused path from the policy's logits (``fastpo.dpo_loss``);
+``forward_from_logprobs`` computes from per-sequence log-probs.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from fastpo.functional.dpo_loss import DPOOutput, _check_dpo_args, dpo_loss_from_logprobs
+from fastpo._validation import check_temperature
+from fastpo.functional.dpo_loss import DPOOutput, _check_dpo_args, dpo_loss, dpo_loss_from_logprobs
 
 __all__ = ["DPOLoss"]
 
@@ -17,8 +18,10 @@ class DPOLoss(nn.Module):
     """DPO-family preference loss with fixed ``beta``, ``loss_type``, ``label_smoothing``,
     ``gamma`` and ``reduction`` (validated at construction, same rules as
     :func:`fastpo.functional.dpo_loss.dpo_loss_from_logprobs`, whose docstring gives the
-    formulas). Hyper-parameters are plain attributes: changing ``beta`` between steps
-    (a schedule) is allowed and costs nothing. No parameters, no buffers.
+    formulas), plus the options of the fused logits path: ``temperature``, ``ignore_index``,
+    ``inplace_backward`` and ``backend`` (see :func:`fastpo.functional.dpo_loss.dpo_loss`).
+    Hyper-parameters are plain attributes: changing ``beta`` between steps (a schedule) is
+    allowed and costs nothing. No parameters, no buffers.
     """
 
     def __init__(
@@ -28,6 +31,11 @@ class DPOLoss(nn.Module):
         label_smoothing: float = 0.0,
         gamma: float = 0.0,
         reduction: str = "mean",
+        *,
+        temperature: float = 1.0,
+        ignore_index: int = -100,
+        inplace_backward: bool = False,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         _check_dpo_args(beta, loss_type, label_smoothing, reduction, gamma)
@@ -36,6 +44,34 @@ class DPOLoss(nn.Module):
         self.label_smoothing = float(label_smoothing)
         self.gamma = float(gamma)
         self.reduction = reduction
+        self.temperature = check_temperature(temperature)
+        self.ignore_index = int(ignore_index)
+        self.inplace_backward = bool(inplace_backward)
+        self.backend = backend
+
+    def forward(
+        self,
+        logits: torch.Tensor,  # [2B, T, V]: B chosen rows, then B rejected rows
+        labels: torch.Tensor,  # [2B, T], ignore_index on prompt and padding
+        ref_chosen_logps: torch.Tensor | None = None,  # [B] summed reference log-probs; None only for simpo
+        ref_rejected_logps: torch.Tensor | None = None,  # [B]
+    ) -> DPOOutput:
+        """Fused path: ``fastpo.dpo_loss(logits, labels, ref_chosen_logps, ref_rejected_logps, ...)``."""
+        return dpo_loss(
+            logits,
+            labels,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            beta=self.beta,
+            loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing,
+            gamma=self.gamma,
+            reduction=self.reduction,
+            temperature=self.temperature,
+            ignore_index=self.ignore_index,
+            inplace_backward=self.inplace_backward,
+            backend=self.backend,
+        )
 
     def forward_from_logprobs(
         self,
@@ -65,5 +101,6 @@ class DPOLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"beta={self.beta}, loss_type={self.loss_type!r}, label_smoothing={self.label_smoothing}, "
-            f"gamma={self.gamma}, reduction={self.reduction!r}"
+            f"gamma={self.gamma}, reduction={self.reduction!r}, temperature={self.temperature}, "
+            f"ignore_index={self.ignore_index}, inplace_backward={self.inplace_backward}, backend={self.backend!r}"
         )

@@ -73,8 +73,8 @@ def _composed_fwd(backend, logits, labels, temperature, ignore_index, average):
     lse = torch.empty_like(logp)
     for rows, (block,) in _row_blocks(logits):
         lp, _, ls = fwd(block, labels[rows].reshape(-1), temperature, ignore_index)
-        logp[rows] = lp.view(-1, t)
-        lse[rows] = ls.view(-1, t)
+        logp[rows] = lp.view(logp[rows].shape)
+        lse[rows] = ls.view(lse[rows].shape)
     return sequence_sum(logp, labels, ignore_index, average), lse
 
 
