@@ -218,10 +218,14 @@ def policy_loss(
     else:
         check_bt("mask", mask, shape, mask=True)
         mask = (mask if mask.dtype == torch.bool else mask != 0) & valid
-    placeholder = old_logprobs.new_zeros(shape)  # logp / entropy come from the logits
+    placeholder = torch.zeros(shape, device=logits.device)  # logp / entropy come from the logits
     _check_policy_inputs(placeholder, old_logprobs, advantages, mask, ref_logprobs, placeholder, config)
     check_count("num_tokens", num_tokens)
     check_count("num_sequences", num_sequences)
+    # a one-element count tensor acts as a scalar: the loss stays 0-dim
+    num_tokens, num_sequences = (
+        c.reshape(()) if isinstance(c, torch.Tensor) else c for c in (num_tokens, num_sequences)
+    )
     for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("ref_logprobs", ref_logprobs)):
         if t is not None and t.device != logits.device:
             raise ValueError(f"{name} is on {t.device} but logits are on {logits.device}")

@@ -1,8 +1,8 @@
 """``PolicyLoss`` and ``ValueLoss``: ``nn.Module`` wrappers of the PPO-family losses.
 
-``PolicyLoss`` holds a frozen ``PolicyLossConfig``; ``forward`` computes from per-token
-log-probs (``forward_from_logprobs``). The fused from-logits path (``fastpo.policy_loss``)
-will be added as a separate method next to it, sharing the config.
+``PolicyLoss`` holds a frozen ``PolicyLossConfig`` and a default backend; ``forward`` computes
+from per-token log-probs (``forward_from_logprobs``), ``forward_logits`` from logits with the
+fused path (``fastpo.policy_loss``), both with the same config.
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from torch import nn
 
 from fastpo.config import PolicyLossConfig, PolicyLossOutput
 from fastpo.functional.advantages import check_value_loss_args, value_loss
-from fastpo.functional.policy_loss import policy_loss_from_logprobs
+from fastpo.functional.policy_loss import policy_loss, policy_loss_from_logprobs
+from fastpo.ops.registry import BACKENDS
 
 __all__ = ["PolicyLoss", "ValueLoss"]
 
@@ -25,11 +26,15 @@ class PolicyLoss(nn.Module):
     overrides are applied to ``config`` or to the defaults). Presets:
     ``PolicyLoss(fastpo.presets.trl_grpo(loss_type="dapo"))``. The config is validated at
     construction and can be swapped between steps (``module.config = ...``); no parameters,
-    no buffers. Formulas and shapes: ``fastpo.functional.policy_loss.policy_loss_from_logprobs``.
+    no buffers. ``backend`` is the default of ``forward_logits`` ("auto": fastest available for
+    the logits' device). Formulas and shapes: ``fastpo.functional.policy_loss``.
     """
 
-    def __init__(self, config: PolicyLossConfig | None = None, **overrides) -> None:
+    def __init__(self, config: PolicyLossConfig | None = None, *, backend: str = "auto", **overrides) -> None:
         super().__init__()
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+        self.backend = backend
         if config is None:
             config = PolicyLossConfig(**overrides)
         elif not isinstance(config, PolicyLossConfig):
@@ -85,8 +90,39 @@ class PolicyLoss(nn.Module):
             num_sequences=num_sequences,
         )
 
+    def forward_logits(
+        self,
+        logits: torch.Tensor,  # [B, T, V]
+        labels: torch.Tensor,  # [B, T]
+        old_logprobs: torch.Tensor,  # [B, T]
+        advantages: torch.Tensor,  # [B] or [B, T]
+        *,
+        mask: torch.Tensor | None = None,  # [B, T]
+        ref_logprobs: torch.Tensor | None = None,  # [B, T]
+        num_tokens=None,
+        num_sequences=None,
+        ignore_index: int = -100,
+        inplace_backward: bool = False,
+        backend: str | None = None,
+    ) -> PolicyLossOutput:
+        """Fused from logits (``fastpo.policy_loss``); ``backend=None`` uses ``self.backend``."""
+        return policy_loss(
+            logits,
+            labels,
+            old_logprobs,
+            advantages,
+            mask=mask,
+            ref_logprobs=ref_logprobs,
+            config=self.config,
+            num_tokens=num_tokens,
+            num_sequences=num_sequences,
+            ignore_index=ignore_index,
+            inplace_backward=inplace_backward,
+            backend=self.backend if backend is None else backend,
+        )
+
     def extra_repr(self) -> str:
-        return repr(self.config)
+        return f"{self.config!r}, backend={self.backend!r}"
 
 
 class ValueLoss(nn.Module):

@@ -52,9 +52,9 @@ def _keep(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _count(value, like: torch.Tensor):
-    """A normaliser given as a number or a 0-dim tensor, in the accumulation dtype."""
+    """A normaliser given as a number or a one-element tensor (made 0-dim), in the accumulation dtype."""
     if isinstance(value, torch.Tensor):
-        return value.to(device=like.device, dtype=like.dtype)
+        return value.to(device=like.device, dtype=like.dtype).reshape(())
     return float(value)
 
 

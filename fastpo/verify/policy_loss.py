@@ -1,0 +1,81 @@
+"""Verify cases for the fused policy_loss: loss and gradient against the float64 composed
+reference (token_logprobs_ref in float64 -> policy_loss_ref), per backend and dtype.
+
+Three configs: GRPO-style ppo with clip-higher and a k3 KL penalty, GSPO (two-phase path on
+every backend), CISPO with an entropy bonus. Tolerances as DESIGN.md section 3: fp32 1e-5;
+bf16 / fp16 values 1e-5 (fp32 accumulation of the upcast logits), gradients 1.5e-2 (rounded to
+the logits' dtype, plus the backward's scaling by the upstream gradient).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+import fastpo
+from fastpo.config import PolicyLossConfig
+from fastpo.ops import registry
+from fastpo.reference import token_logprobs_ref
+from fastpo.reference.policy_loss import policy_loss_ref
+
+from . import DTYPES, Check, dtype_name, rel_err
+
+OP = "policy_loss"
+BACKEND_OP = "token_logprobs"  # the fused op runs on every backend that runs token_logprobs
+UPSTREAM = 0.75  # a non-unit upstream gradient, as under gradient accumulation
+
+CONFIGS = {
+    "grpo-k3-clip-higher": PolicyLossConfig(clip_low=0.2, clip_high=0.28, kl_coef=0.04, kl_estimator="k3",
+                                            agg="seq-mean-token-mean"),
+    "gspo": PolicyLossConfig(variant="gspo", clip_low=3e-4, clip_high=4e-4),
+    "cispo-entropy": PolicyLossConfig(variant="cispo", clip_low=1.0, clip_high=4.0, entropy_coef=0.01,
+                                      temperature=0.9),
+}
+
+
+def _shapes(device: torch.device) -> list[tuple[int, int, int]]:
+    if device.type == "cuda":
+        return [(8, 1024, 32000), (4, 1024, 128256), (2, 512, 151936)]
+    return [(2, 4, 4099), (2, 4, 32000)]  # the interpreter is slow: a multi-block row, a real vocabulary
+
+
+def _batch(b: int, t: int, v: int, gen: torch.Generator):
+    logits = torch.randn(b, t, v, generator=gen, dtype=torch.float64) * 2
+    labels = torch.randint(0, v, (b, t), generator=gen)
+    labels[0, -1] = -100
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[-1, t // 2:] = False
+    with torch.no_grad():
+        lp, _ = token_logprobs_ref(logits, labels)
+    noise = lambda: 0.5 * torch.randn(b, t, generator=gen, dtype=torch.float64)  # noqa: E731
+    old, ref = (lp + noise()).float(), (lp + noise()).float()
+    adv = torch.randn(b, generator=gen, dtype=torch.float64).float()
+    return logits, labels, mask, old, adv, ref
+
+
+def _reference(logits, labels, mask, old, adv, ref, config):
+    x = logits.double().requires_grad_()
+    lp, ent = token_logprobs_ref(x, labels, temperature=config.temperature)
+    loss, _, _ = policy_loss_ref(lp, old, adv, mask & (labels != -100), ref_logprobs=ref, entropy=ent,
+                                 config=config)
+    (grad,) = torch.autograd.grad(loss * UPSTREAM, x)
+    return loss, grad
+
+
+def checks(device: torch.device) -> Iterator[Check]:
+    gen = torch.Generator().manual_seed(0)
+    for b, t, v in _shapes(device):
+        base, labels, mask, old, adv, ref = (x.to(device) for x in _batch(b, t, v, gen))
+        for dtype in DTYPES:
+            logits = base.to(dtype)
+            for name, config in CONFIGS.items():
+                loss_r, grad_r = _reference(logits, labels, mask, old, adv, ref, config)
+                for backend in registry.backends_for(BACKEND_OP, device):
+                    x = logits.clone().requires_grad_()
+                    out = fastpo.policy_loss(x, labels, old, adv, mask=mask, ref_logprobs=ref, config=config,
+                                             backend=backend)
+                    (grad,) = torch.autograd.grad(out.loss * UPSTREAM, x)
+                    common = dict(op=OP, backend=backend, dtype=dtype_name(dtype), shape=f"{b}x{t}x{v} {name}")
+                    yield Check(quantity="loss", error=rel_err(out.loss, loss_r), tol=1e-5, **common)
+                    tol_grad = 1e-5 if dtype == torch.float32 else 1.5e-2
+                    yield Check(quantity="grad", error=rel_err(grad, grad_r), tol=tol_grad, **common)
