@@ -1,0 +1,94 @@
+// pybind11 bindings shared by fastpo._C_cpu and fastpo._C_cuda: the same four
+// functions with the same argument names; tensors travel as raw addresses
+// (Python ints from tensor.data_ptr()), sizes and element strides, so neither
+// module needs torch headers. The last argument is the OpenMP thread count
+// (CPU) or the CUDA stream (GPU). The GIL is released while a kernel runs.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "common.h"
+
+namespace fastpo {
+
+template <typename Last>
+struct OpTable {
+  void (*token_fwd)(const TokenFwdArgs&, Last);
+  void (*token_bwd)(const TokenBwdArgs&, Last);
+  void (*seq_fwd)(const SeqFwdArgs&, Last);
+  void (*seq_bwd)(const SeqBwdArgs&, Last);
+};
+
+template <typename T>
+T* as_ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+template <typename Last>
+void bind_ops(pybind11::module_& m, const OpTable<Last> ops, const char* last) {
+  namespace py = pybind11;
+  using u = uintptr_t;
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+
+  m.def(
+      "token_logprobs_fwd",
+      [ops](u logits, u labels, u logp, u entropy, u lse, int64_t n_rows, int64_t vocab, int64_t row_stride,
+            int dtype, double temperature, int64_t ignore_index, Last last_arg) {
+        ops.token_fwd(TokenFwdArgs{as_ptr<const void>(logits), as_ptr<const int64_t>(labels), as_ptr<void>(logp),
+                                   as_ptr<void>(entropy), as_ptr<void>(lse), n_rows, vocab, row_stride, dtype,
+                                   temperature, ignore_index},
+                      last_arg);
+      },
+      nogil, py::arg("logits_ptr"), py::arg("labels_ptr"), py::arg("logp_ptr"), py::arg("entropy_ptr"),
+      py::arg("lse_ptr"), py::arg("n_rows"), py::arg("vocab"), py::arg("logits_row_stride"), py::arg("dtype_code"),
+      py::arg("temperature"), py::arg("ignore_index"), py::arg(last));
+
+  m.def(
+      "token_logprobs_bwd",
+      [ops](u logits, u labels, u lse, u entropy, u grad_logp, u grad_entropy, u grad, int64_t n_rows,
+            int64_t vocab, int64_t row_stride, int64_t grad_row_stride, int dtype, double temperature,
+            int64_t ignore_index, Last last_arg) {
+        ops.token_bwd(TokenBwdArgs{as_ptr<const void>(logits), as_ptr<const int64_t>(labels), as_ptr<const void>(lse),
+                                   as_ptr<const void>(entropy), as_ptr<const void>(grad_logp),
+                                   as_ptr<const void>(grad_entropy), as_ptr<void>(grad), n_rows, vocab, row_stride,
+                                   grad_row_stride, dtype, temperature, ignore_index},
+                      last_arg);
+      },
+      nogil, py::arg("logits_ptr"), py::arg("labels_ptr"), py::arg("lse_ptr"), py::arg("entropy_ptr"),
+      py::arg("grad_logp_ptr"), py::arg("grad_entropy_ptr"), py::arg("grad_ptr"), py::arg("n_rows"),
+      py::arg("vocab"), py::arg("logits_row_stride"), py::arg("grad_row_stride"), py::arg("dtype_code"),
+      py::arg("temperature"), py::arg("ignore_index"), py::arg(last));
+
+  m.def(
+      "sequence_logprobs_fwd",
+      [ops](u logits, u labels, u out, u lse, int64_t batch, int64_t seq_len, int64_t vocab, int64_t stride_b,
+            int64_t stride_t, int dtype, double temperature, int64_t ignore_index, int average, Last last_arg) {
+        ops.seq_fwd(SeqFwdArgs{as_ptr<const void>(logits), as_ptr<const int64_t>(labels), as_ptr<void>(out),
+                               as_ptr<void>(lse), batch, seq_len, vocab, stride_b, stride_t, dtype, temperature,
+                               ignore_index, average != 0},
+                    last_arg);
+      },
+      nogil, py::arg("logits_ptr"), py::arg("labels_ptr"), py::arg("out_ptr"), py::arg("lse_ptr"), py::arg("batch"),
+      py::arg("seq_len"), py::arg("vocab"), py::arg("stride_b"), py::arg("stride_t"), py::arg("dtype_code"),
+      py::arg("temperature"), py::arg("ignore_index"), py::arg("average"), py::arg(last));
+
+  m.def(
+      "sequence_logprobs_bwd",
+      [ops](u logits, u labels, u lse, u grad_out, u grad, int64_t batch, int64_t seq_len, int64_t vocab,
+            int64_t stride_b, int64_t stride_t, int64_t grad_stride_b, int64_t grad_stride_t, int dtype,
+            double temperature, int64_t ignore_index, int average, Last last_arg) {
+        ops.seq_bwd(SeqBwdArgs{as_ptr<const void>(logits), as_ptr<const int64_t>(labels), as_ptr<const void>(lse),
+                               as_ptr<const void>(grad_out), as_ptr<void>(grad), batch, seq_len, vocab, stride_b,
+                               stride_t, grad_stride_b, grad_stride_t, dtype, temperature, ignore_index,
+                               average != 0},
+                    last_arg);
+      },
+      nogil, py::arg("logits_ptr"), py::arg("labels_ptr"), py::arg("lse_ptr"), py::arg("grad_out_ptr"),
+      py::arg("grad_ptr"), py::arg("batch"), py::arg("seq_len"), py::arg("vocab"), py::arg("stride_b"),
+      py::arg("stride_t"), py::arg("grad_stride_b"), py::arg("grad_stride_t"), py::arg("dtype_code"),
+      py::arg("temperature"), py::arg("ignore_index"), py::arg("average"), py::arg(last));
+}
+
+}  // namespace fastpo
