@@ -1,17 +1,19 @@
 """Timing and peak-memory measurement shared by `fastpo bench` and bench/.
 
 Time: median over repetitions (CUDA events on GPU, perf_counter on CPU).
-Peak extra memory: bytes allocated during one call beyond what existed before it
-(inputs are not counted; outputs and gradients are). On CUDA from the caching
-allocator's peak statistics; on Linux CPU from the process's peak resident set
-(VmHWM, reset through /proc/self/clear_refs) with glibc told to serve every
-allocation above 64 KiB by mmap, so freed buffers leave the resident set at once.
+Peak extra memory: the peak of bytes held by torch's allocator during one call,
+above what it held before (inputs are not counted; outputs and gradients are).
+On CUDA from the caching allocator's statistics; on CPU from the allocation and
+free events that torch's profiler records (``profile_memory=True``), summed in
+time order. Both count tensors only, which is where every N x V buffer lives.
+(The process's peak RSS was tried first and rejected: page faults taken by
+OpenMP worker threads reach the counters late, so peaks were sometimes missed.)
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import contextlib
 import gc
+import os
 import statistics
 import sys
 import time
@@ -19,41 +21,36 @@ from typing import Callable
 
 import torch
 
-_MMAP_SET = False
-
-
-def _mmap_large_allocations() -> None:
-    global _MMAP_SET
-    if _MMAP_SET or not sys.platform.startswith("linux"):
-        return
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The profiler's C++ side prints start/stop lines on fd 2; keep the tables clean."""
+    sys.stderr.flush()
+    saved = os.dup(2)
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: fixed, disables glibc's dynamic raise
-        libc.mallopt(-1, 64 * 1024)  # M_TRIM_THRESHOLD
-    except OSError:
-        pass
-    _MMAP_SET = True
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
-def _proc_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    held = peak = 0
+    for e in events:
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak
 
 
-def cpu_memory_supported() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        _proc_kib("VmHWM")
-        return True
-    except OSError:
-        return False
-
-
-def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
     """Peak bytes allocated while ``fn`` runs, above the allocation before it."""
     gc.collect()
     if device.type == "cuda":
@@ -65,21 +62,11 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int | No
         peak = torch.cuda.max_memory_allocated()
         del out
         return peak - base
-    if not cpu_memory_supported():
-        return None
-    _mmap_large_allocations()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    base = _proc_kib("VmRSS")
-    out = fn()
-    peak = _proc_kib("VmHWM")
-    del out
-    return max(0, peak - base) * 1024
+    return _cpu_peak_bytes(fn)
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, reps: int = 5) -> float:
     """Median wall time of ``fn`` in milliseconds."""
-    _mmap_large_allocations()
     for _ in range(warmup):
         fn()
     times = []

@@ -78,6 +78,46 @@ def _vec(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype).contiguous()
 
 
+_HUGE_PAGE = 1 << 21
+_MADV_HUGEPAGE = 14
+
+
+@functools.lru_cache(maxsize=None)
+def _libc():
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def _advise_huge_pages(grad: torch.Tensor, logits: torch.Tensor) -> None:
+    """Ask Linux for transparent huge pages on a fresh CPU gradient buffer.
+
+    Writing a new N x V buffer costs one page fault per 4 KiB page (about half the
+    backward's time for a 125 MiB bf16 gradient on the 2-core dev machine); with
+    MADV_HUGEPAGE (THP in "madvise" mode) it is one per 2 MiB. Advisory only:
+    skipped for in-place gradients, small buffers and non-Linux systems.
+    """
+    nbytes = grad.numel() * grad.element_size()
+    if grad.device.type != "cpu" or grad.data_ptr() == logits.data_ptr() or nbytes < 16 * _HUGE_PAGE:
+        return
+    libc = _libc()
+    if libc is None:
+        return
+    start = (grad.data_ptr() + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
+    end = (grad.data_ptr() + nbytes) & ~(_HUGE_PAGE - 1)
+    if end > start:
+        libc.madvise(start, end - start, _MADV_HUGEPAGE)
+
+
 def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
@@ -127,6 +167,7 @@ def token_logprobs_bwd(
     labels = _vec(labels, torch.int64)
     lse, entropy, grad_logp = _vec(lse, acc), _vec(entropy, acc), _vec(grad_logp, acc)
     grad_entropy = None if grad_entropy is None else _vec(grad_entropy, acc)
+    _advise_huge_pages(grad_out, logits)
     with _device_guard(logits):
         mod, last = _module(logits.device)
         mod.token_logprobs_bwd(
@@ -182,6 +223,7 @@ def sequence_logprobs_bwd(
         return grad_in
     acc = _acc_dtype(logits)
     labels, lse, grad_out = _vec(labels, torch.int64), _vec(lse, acc), _vec(grad_out, acc)
+    _advise_huge_pages(grad_in, logits)
     with _device_guard(logits):
         mod, last = _module(logits.device)
         mod.sequence_logprobs_bwd(
