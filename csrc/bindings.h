@@ -1,4 +1,4 @@
-// pybind11 bindings shared by fastpo._C_cpu and fastpo._C_cuda: the same four
+// pybind11 bindings shared by fastpo._C_cpu and fastpo._C_cuda: the same five
 // functions with the same argument names; tensors travel as raw addresses
 // (Python ints from tensor.data_ptr()), sizes and element strides, so neither
 // module needs torch headers. The last argument is the OpenMP thread count
@@ -19,6 +19,7 @@ struct OpTable {
   void (*token_bwd)(const TokenBwdArgs&, Last);
   void (*seq_fwd)(const SeqFwdArgs&, Last);
   void (*seq_bwd)(const SeqBwdArgs&, Last);
+  void (*policy_fwd)(const PolicyFwdArgs&, Last);
 };
 
 template <typename T>
@@ -89,6 +90,31 @@ void bind_ops(pybind11::module_& m, const OpTable<Last> ops, const char* last) {
       py::arg("grad_ptr"), py::arg("batch"), py::arg("seq_len"), py::arg("vocab"), py::arg("stride_b"),
       py::arg("stride_t"), py::arg("grad_stride_b"), py::arg("grad_stride_t"), py::arg("dtype_code"),
       py::arg("temperature"), py::arg("ignore_index"), py::arg("average"), py::arg(last));
+
+  // ref_ptr = 0: no KL term; grad_ptr = 0: no gradient.
+  m.def(
+      "policy_loss_fwd",
+      [ops](u logits, u labels, u old, u adv, u ref, u weight, u loss, u logp, u entropy, u grad, int64_t n_rows,
+            int64_t vocab, int64_t row_stride, int64_t grad_row_stride, int dtype, int variant, double clip_low,
+            double clip_high, double ratio_cap, double dual_clip, double logratio_clamp, int kl_kind,
+            bool kl_straight, double kl_clamp, double kl_coef, double entropy_coef, double temperature,
+            int64_t ignore_index, Last last_arg) {
+        const PolicyParams params{variant,  clip_low,    clip_high, ratio_cap, dual_clip,   logratio_clamp,
+                                  kl_kind,  kl_straight, kl_clamp,  kl_coef,   entropy_coef};
+        ops.policy_fwd(PolicyFwdArgs{as_ptr<const void>(logits), as_ptr<const int64_t>(labels),
+                                     as_ptr<const void>(old), as_ptr<const void>(adv), as_ptr<const void>(ref),
+                                     as_ptr<const void>(weight), as_ptr<void>(loss), as_ptr<void>(logp),
+                                     as_ptr<void>(entropy), as_ptr<void>(grad), n_rows, vocab, row_stride,
+                                     grad_row_stride, dtype, params, temperature, ignore_index},
+                       last_arg);
+      },
+      nogil, py::arg("logits_ptr"), py::arg("labels_ptr"), py::arg("old_ptr"), py::arg("adv_ptr"),
+      py::arg("ref_ptr"), py::arg("weight_ptr"), py::arg("loss_ptr"), py::arg("logp_ptr"), py::arg("entropy_ptr"),
+      py::arg("grad_ptr"), py::arg("n_rows"), py::arg("vocab"), py::arg("logits_row_stride"),
+      py::arg("grad_row_stride"), py::arg("dtype_code"), py::arg("variant"), py::arg("clip_low"),
+      py::arg("clip_high"), py::arg("ratio_cap"), py::arg("dual_clip"), py::arg("logratio_clamp"),
+      py::arg("kl_kind"), py::arg("kl_straight"), py::arg("kl_clamp"), py::arg("kl_coef"), py::arg("entropy_coef"),
+      py::arg("temperature"), py::arg("ignore_index"), py::arg(last));
 }
 
 }  // namespace fastpo

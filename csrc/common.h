@@ -74,6 +74,36 @@ struct SeqBwdArgs {
   bool average;
 };
 
+// Hyper-parameters of the fused policy loss (fastpo.kernels.policy_args.PolicyKernelArgs);
+// disabled limits are +inf. Per-token math: policy_math.h.
+struct PolicyParams {
+  int variant;  // 0 ppo, 2 cispo
+  double clip_low, clip_high, ratio_cap, dual_clip, logratio_clamp;
+  int kl_kind;  // 0 none, 1 k1, 2 k2, 3 k3, 4 abs
+  bool kl_straight;
+  double kl_clamp, kl_coef, entropy_coef;
+};
+
+// Per-token inputs old / adv / ref / weight and the outputs are in the
+// accumulation type (fp32, fp64 for fp64 logits).
+struct PolicyFwdArgs {
+  const void* logits;     // [N, V] dtype, row stride `row_stride`, last dim contiguous
+  const int64_t* labels;  // [N]; masked tokens carry ignore_index
+  const void* old_logp;   // [N]
+  const void* adv;        // [N] per-token advantages
+  const void* ref_logp;   // [N], or nullptr (read only when params.kl_kind != 0)
+  const void* weight;     // [N] d loss / d per-token loss (aggregation weight)
+  void* loss;             // [N] out: per-token loss
+  void* logp;             // [N] out
+  void* entropy;          // [N] out
+  void* grad;             // [N, V] dtype out, row stride `grad_row_stride`, or nullptr; may equal `logits`
+  int64_t n_rows, vocab, row_stride, grad_row_stride;
+  int dtype;
+  PolicyParams params;
+  double temperature;
+  int64_t ignore_index;
+};
+
 // ---------------------------------------------------------- online softmax
 FASTPO_HD float acc_exp(float x) { return expf(x); }
 FASTPO_HD double acc_exp(double x) { return exp(x); }

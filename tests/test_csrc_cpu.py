@@ -3,6 +3,7 @@ reference and the chunked torch forward/backward; plus the contract's exact-zero
 in-place, stride, determinism and batch-invariance properties."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -331,6 +332,42 @@ def test_sequence_logprobs_strides_inplace_and_batch_invariance(dtype):
         buf = tbv.clone().transpose(0, 1).contiguous().transpose(0, 1)
         cpp.sequence_logprobs_bwd(buf, labels, lse, grad_out, 1.0, IGNORE, average, buf)  # in place, strided
         assert torch.equal(buf, grad)
+
+
+# ------------------------------------------------- the fused policy loss (csrc/policy_math.h)
+@pytest.mark.parametrize("config", [  # every ppo branch (clip-higher, cap, dual clip, clamps, k3, entropy); cispo
+    dict(clip_high=0.28, ratio_cap=1.5, dual_clip=2.0, logratio_clamp=1.0, kl_coef=0.25, kl_estimator="k3",
+         kl_clamp=2.0, entropy_coef=0.0625, temperature=0.7),
+    dict(variant="cispo", clip_low=1.0, clip_high=4.0, kl_coef=0.25, kl_estimator="k2+")], ids=["ppo", "cispo"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_policy_loss_fwd_matches_triton_launcher(dtype, config):
+    """Same inputs, same args: the CPU launcher against the Triton one (interpreter); ignored
+    rows (NaN logits) are never read and give exact zeros; no grad_out leaves the values alone."""
+    pytest.importorskip("triton")
+    from fastpo import PolicyLossConfig
+    from fastpo.kernels.policy_args import PolicyKernelArgs
+    from fastpo.kernels.policy_loss import policy_loss_fwd as triton_policy_loss_fwd
+
+    logits, labels, _, _ = _case(8, 4099, dtype, seed=5)
+    labels[6] = IGNORE
+    logits[[1, 6]] = float("nan")
+    g = torch.Generator().manual_seed(9)
+    lp = token_logprobs_ref(logits.double(), labels)[0]
+    old, ref = ((lp + 0.6 * torch.randn(8, generator=g, dtype=torch.float64)).float() for _ in range(2))
+    adv, weight = torch.randn(8, generator=g), torch.rand(8, generator=g)
+    args = PolicyKernelArgs.from_config(PolicyLossConfig(**config), has_ref=True, ignore_index=IGNORE)
+    grad, grad_triton = torch.full_like(logits, 7.0), torch.empty_like(logits)
+    ours = cpp.policy_loss_fwd(logits, labels, old, adv, ref, weight, args, grad)
+    theirs = triton_policy_loss_fwd(logits, labels, old, adv, ref, weight, args, grad_triton)
+    for a, b in zip(ours, theirs):
+        assert a.dtype == torch.float32 and torch.equal(a[[1, 6]], torch.zeros(2)) and torch.isfinite(a).all()
+        assert rel_err(a, b) <= 1e-5
+    assert torch.equal(grad[[1, 6]], torch.zeros(2, 4099, dtype=dtype)) and torch.isfinite(grad).all()
+    assert rel_err(grad, grad_triton) <= _grad_tol(dtype)
+    for a, b in zip(cpp.policy_loss_fwd(logits, labels, old, adv, ref, weight, args, None), ours):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="variant"):
+        cpp.policy_loss_fwd(logits, labels, old, adv, ref, weight, dataclasses.replace(args, variant=1), None)
 
 
 # ------------------------------------------------- the CUDA module (needs a GPU)

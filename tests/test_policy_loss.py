@@ -1,7 +1,7 @@
 """Fused policy_loss from logits against the composed path (token_logprobs + policy_loss_from_logprobs).
 
-Every backend that runs token_logprobs here runs the fused op: "triton" takes the fused
-kernel for ppo / cispo and the two-phase path for gspo, "cpu" / "torch" the two-phase path.
+Every backend that runs token_logprobs here runs the fused op: "triton" and "cpu" take their
+fused kernel for ppo / cispo and the two-phase path for gspo, "torch" the two-phase path.
 Shapes stay small because the Triton backend runs under the interpreter on CPU: B=2, T=4,
 V=300 (one partial block) for the config sweep; V=17, V=4099 (two blocks, ragged tail) and
 T=1 in the shape test.

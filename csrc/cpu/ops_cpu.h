@@ -19,6 +19,7 @@ void token_logprobs_fwd(const TokenFwdArgs& args, int num_threads);
 void token_logprobs_bwd(const TokenBwdArgs& args, int num_threads);
 void sequence_logprobs_fwd(const SeqFwdArgs& args, int num_threads);
 void sequence_logprobs_bwd(const SeqBwdArgs& args, int num_threads);
+void policy_loss_fwd(const PolicyFwdArgs& args, int num_threads);
 
 inline int omp_default_threads() {
 #ifdef _OPENMP

@@ -8,6 +8,7 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "fastpo CUDA kernels; raw-pointer bindings used by fastpo.kernels.cpp";
   fastpo::bind_ops<uintptr_t>(m,
                               {&fastpo::cuda::token_logprobs_fwd, &fastpo::cuda::token_logprobs_bwd,
-                               &fastpo::cuda::sequence_logprobs_fwd, &fastpo::cuda::sequence_logprobs_bwd},
+                               &fastpo::cuda::sequence_logprobs_fwd, &fastpo::cuda::sequence_logprobs_bwd,
+                               &fastpo::cuda::policy_loss_fwd},
                               "stream");
 }

@@ -15,6 +15,7 @@ void token_logprobs_fwd(const TokenFwdArgs& args, uintptr_t stream);
 void token_logprobs_bwd(const TokenBwdArgs& args, uintptr_t stream);
 void sequence_logprobs_fwd(const SeqFwdArgs& args, uintptr_t stream);
 void sequence_logprobs_bwd(const SeqBwdArgs& args, uintptr_t stream);
+void policy_loss_fwd(const PolicyFwdArgs& args, uintptr_t stream);
 
 }  // namespace cuda
 }  // namespace fastpo

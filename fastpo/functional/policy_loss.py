@@ -183,10 +183,10 @@ def policy_loss(
     Same numbers as ``policy_loss_from_logprobs(token_logprobs(logits, labels,
     temperature=config.temperature, return_entropy=True), old_logprobs, advantages,
     mask, ...)`` without materialising anything vocabulary-sized but the gradient:
-    the forward computes dL/dlogits (Triton: one kernel per token computing the
-    log-prob, ratio, clipped surrogate, KL and entropy terms; GSPO and the other
-    backends: token forward kernel, [B, T] loss, token backward kernel), and the
-    backward only scales it by the upstream scalar.
+    the forward computes dL/dlogits (triton / cpu / cuda, variants ppo and cispo:
+    one kernel per token computing the log-prob, ratio, clipped surrogate, KL and
+    entropy terms; GSPO and the torch backend: token forward kernel, [B, T] loss,
+    token backward kernel), and the backward only scales it by the upstream scalar.
 
     Args:
         logits: ``[B, T, V]`` fp32 / bf16 / fp16 (float64 for gradchecks).

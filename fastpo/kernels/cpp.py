@@ -24,6 +24,7 @@ __all__ = [
     "cpu_available", "cuda_available",
     "token_logprobs_fwd", "token_logprobs_bwd",
     "sequence_logprobs_fwd", "sequence_logprobs_bwd",
+    "policy_loss_fwd",
 ]
 
 # must match csrc/common.h (DtypeCode)
@@ -232,3 +233,48 @@ def sequence_logprobs_bwd(
             float(temperature), int(ignore_index), int(bool(average)), last,
         )
     return grad_in
+
+
+def policy_loss_fwd(
+    logits: torch.Tensor,  # [N, V], stride(1) == 1, any row stride
+    labels: torch.Tensor,  # [N] int64, masked tokens = ignore_index
+    old_logprobs: torch.Tensor,  # [N]
+    advantages: torch.Tensor,  # [N] per token
+    ref_logprobs: torch.Tensor | None,  # [N] or None: no KL term
+    weight: torch.Tensor,  # [N] d loss / d per_token_loss
+    args,  # fastpo.kernels.policy_args.PolicyKernelArgs (read by field name)
+    grad_out: torch.Tensor | None,  # [N, V] logits dtype (may be `logits`), or None: no gradient
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused policy loss (csrc/policy_math.h): ``(per_token_loss, logp, entropy)``, [N] each,
+    fp32 (fp64 for fp64 logits); with ``grad_out``, dL/dlogits of ``sum(weight * loss)`` is written
+    there during this call. Same signature as the Triton launcher
+    (``fastpo.kernels.policy_loss.policy_loss_fwd``)."""
+    n, v = logits.shape
+    code = _dtype_code(logits)
+    acc = _acc_dtype(logits)
+    loss = torch.empty(n, dtype=acc, device=logits.device)
+    logp, entropy = torch.empty_like(loss), torch.empty_like(loss)
+    if grad_out is not None and (
+        grad_out.dtype != logits.dtype or tuple(grad_out.shape) != (n, v) or grad_out.stride(-1) != 1
+    ):
+        raise ValueError("fastpo: grad_out must be [N, V] in the logits' dtype with a contiguous last dim")
+    if n == 0:
+        return loss, logp, entropy
+    labels = _vec(labels, torch.int64)
+    old, adv, w = _vec(old_logprobs, acc), _vec(advantages, acc), _vec(weight, acc)
+    ref = None if ref_logprobs is None or args.kl_kind == 0 else _vec(ref_logprobs, acc)
+    if grad_out is not None:
+        _advise_huge_pages(grad_out, logits)
+    with _device_guard(logits):
+        mod, last = _module(logits.device)
+        mod.policy_loss_fwd(
+            logits.data_ptr(), labels.data_ptr(), old.data_ptr(), adv.data_ptr(),
+            0 if ref is None else ref.data_ptr(), w.data_ptr(), loss.data_ptr(), logp.data_ptr(),
+            entropy.data_ptr(), 0 if grad_out is None else grad_out.data_ptr(),
+            n, v, logits.stride(0), 0 if grad_out is None else grad_out.stride(0), code,
+            int(args.variant), float(args.clip_low), float(args.clip_high), float(args.ratio_cap),
+            float(args.dual_clip), float(args.logratio_clamp), int(args.kl_kind), bool(args.kl_straight),
+            float(args.kl_clamp), float(args.kl_coef), float(args.entropy_coef), float(args.temperature),
+            int(args.ignore_index), last,
+        )
+    return loss, logp, entropy

@@ -2,8 +2,9 @@
 
 Two ways to produce the same numbers as ``policy_loss_from_logprobs(token_logprobs(...))``:
 
-* fused (Triton, variants "ppo" and "cispo"): one kernel computes, per token, the
-  log-prob, entropy, ratio, clipped surrogate, KL and entropy terms and writes
+* fused (triton, cuda and cpu backends; variants "ppo" and "cispo"): one kernel
+  computes, per token, the log-prob, entropy, ratio, clipped surrogate, KL and
+  entropy terms (csrc/policy_math.h mirrors the Triton math) and writes
   dL/dlogits during the forward (the aggregation weight of every token is known
   beforehand: it is the derivative of the one aggregation formula,
   ``aggregate_ref``). Traffic: read the logits twice, write the gradient once.
@@ -21,12 +22,15 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.policy_args import PolicyKernelArgs
 from ..reference.policy_loss import aggregate_ref, policy_loss_ref
 from . import registry
 
 OP = "policy_loss"
 
 registry.register(OP, "triton", fwd="fastpo.kernels.policy_loss:policy_loss_fwd")
+registry.register(OP, "cpu", fwd="fastpo.kernels.cpp:policy_loss_fwd")
+registry.register(OP, "cuda", fwd="fastpo.kernels.cpp:policy_loss_fwd")
 
 
 def aggregation_weight(mask: torch.Tensor, config, num_tokens, num_sequences,
@@ -64,10 +68,9 @@ def _two_phase(logits, labels, old, adv, ref, mask, config, backend, ignore_inde
     return loss.detach(), per_token.detach(), metrics
 
 
-def _fused(logits, labels, old, adv, ref, mask, config, ignore_index, num_tokens, num_sequences, grad_out):
-    from ..kernels.policy_loss import PolicyKernelArgs
-
-    fwd = registry.launcher(OP, "triton", "fwd")
+def _fused(logits, labels, old, adv, ref, mask, config, backend, ignore_index, num_tokens, num_sequences,
+           grad_out):
+    fwd = registry.launcher(OP, backend, "fwd")
     shape = mask.shape
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     adv_tok = (adv.unsqueeze(-1).expand(shape) if adv.dim() == 1 else adv).to(acc).reshape(-1).contiguous()
@@ -91,8 +94,9 @@ def _fused(logits, labels, old, adv, ref, mask, config, ignore_index, num_tokens
 def policy_loss_forward(logits, labels, old, adv, ref, mask, config, backend, ignore_index,
                         num_tokens, num_sequences, grad_out):
     """Dispatch: the fused kernel where it applies, else the two-phase path."""
-    if backend == "triton" and config.variant != "gspo":
-        return _fused(logits, labels, old, adv, ref, mask, config, ignore_index, num_tokens, num_sequences, grad_out)
+    if config.variant != "gspo" and backend in registry.backends_for(OP, logits.device):
+        return _fused(logits, labels, old, adv, ref, mask, config, backend, ignore_index, num_tokens,
+                      num_sequences, grad_out)
     return _two_phase(logits, labels, old, adv, ref, mask, config, backend, ignore_index,
                       num_tokens, num_sequences, grad_out)
 

@@ -1,0 +1,102 @@
+// The fused policy loss on CUDA: one thread block per row of logits z [N, V], x = z / tau,
+//   pass 1  (m, s, t) of the row -> lse, H, logp = x_y - lse     (thread_row_state + block_merge)
+//           per-token loss L and dL/dlogp, in every thread        (policy_math.h; no broadcast needed)
+//   pass 2  grad_j = (1/tau)[g_lp (1[j=y] - p_j) - g_H p_j (log p_j + H)]      (row_grad)
+//           with g_lp = w dL/dlogp and g_H = -w entropy_coef, w the token's aggregation weight.
+// The label's logit is read before block_merge, whose barrier orders that read
+// before any thread overwrites the row (grad may equal the logits). Ignored rows
+// (y == ignore_index) are not read: L = logp = H = 0 and a zero gradient row.
+#include "../policy_math.h"
+#include "ops_cuda.h"
+#include "row_softmax.cuh"
+
+namespace fastpo {
+namespace cuda {
+namespace {
+
+template <typename T, bool kVec, bool kWriteGrad, bool kHasEntropyGrad>
+__global__ void __launch_bounds__(1024) policy_loss_fwd_kernel(
+    const T* logits,                         // [N, V] T, row stride `row_stride` (may alias grad)
+    const int64_t* __restrict__ labels,      // [N]; masked tokens carry ignore_index
+    const acc_of<T>* __restrict__ old,       // [N] old log-probs
+    const acc_of<T>* __restrict__ adv,       // [N] advantages (per token)
+    const acc_of<T>* __restrict__ ref,       // [N] reference log-probs (read when coefs.kl_kind != 0)
+    const acc_of<T>* __restrict__ weight,    // [N] aggregation weight (read when kWriteGrad)
+    acc_of<T>* __restrict__ loss,            // [N] out
+    acc_of<T>* __restrict__ logp,            // [N] out
+    acc_of<T>* __restrict__ entropy,         // [N] out
+    T* grad,                                 // [N, V] T out (kWriteGrad), row stride `grad_row_stride`
+    int64_t vocab, int64_t row_stride, int64_t grad_row_stride,
+    acc_of<T> inv_tau, int64_t ignore_index, const PolicyCoefs<acc_of<T>> coefs) {
+  using acc_t = acc_of<T>;
+  const int64_t rowi = blockIdx.x;
+  const int64_t y = labels[rowi];
+  if (y == ignore_index) {
+    if (threadIdx.x == 0) loss[rowi] = logp[rowi] = entropy[rowi] = acc_t(0);
+    if (kWriteGrad) zero_row(grad + rowi * grad_row_stride, vocab);
+    return;
+  }
+  const T* row = logits + rowi * row_stride;
+  const acc_t z_y = to_acc(row[y]);
+  const SoftmaxState<acc_t> st = block_merge(thread_row_state<T, kVec>(row, vocab, inv_tau));
+  const acc_t row_lse = st.lse(), row_entropy = st.entropy();
+  const acc_t lp = z_y * inv_tau - row_lse;
+  const ValGrad<acc_t> tok = policy_token_loss(lp, row_entropy, old[rowi], adv[rowi],
+                                               coefs.kl_kind != kKlNone ? ref[rowi] : acc_t(0), coefs);
+  if (threadIdx.x == 0) {
+    loss[rowi] = tok.v;
+    logp[rowi] = lp;
+    entropy[rowi] = row_entropy;
+  }
+  if (kWriteGrad) {
+    const acc_t w = weight[rowi];
+    RowGrad<acc_t> c;
+    c.inv_tau = inv_tau;
+    c.lse = row_lse;
+    c.entropy = row_entropy;
+    c.g_lp = w * tok.d * inv_tau;
+    c.g_H = -w * coefs.entropy_coef * inv_tau;
+    c.label = y;
+    row_grad<T, kVec, kHasEntropyGrad>(row, grad + rowi * grad_row_stride, vocab, c);
+  }
+}
+
+template <typename T, bool kVec, bool kWriteGrad>
+void launch(const PolicyFwdArgs& a, const PolicyCoefs<acc_of<T>>& coefs, cudaStream_t stream) {
+  using acc_t = acc_of<T>;
+  auto kernel = kWriteGrad && coefs.entropy_coef != acc_t(0) ? policy_loss_fwd_kernel<T, kVec, kWriteGrad, true>
+                                                             : policy_loss_fwd_kernel<T, kVec, kWriteGrad, false>;
+  kernel<<<grid_for(a.n_rows), threads_for(a.vocab, sizeof(T)), 0, stream>>>(
+      static_cast<const T*>(a.logits), a.labels, static_cast<const acc_t*>(a.old_logp),
+      static_cast<const acc_t*>(a.adv), static_cast<const acc_t*>(a.ref_logp), static_cast<const acc_t*>(a.weight),
+      static_cast<acc_t*>(a.loss), static_cast<acc_t*>(a.logp), static_cast<acc_t*>(a.entropy),
+      static_cast<T*>(a.grad), a.vocab, a.row_stride, a.grad_row_stride, acc_t(1.0 / a.temperature),
+      a.ignore_index, coefs);
+  check_launch("policy_loss_fwd");
+}
+
+template <typename T>
+void launch_dtype(const PolicyFwdArgs& a, cudaStream_t stream) {
+  PolicyCoefs<acc_of<T>> coefs = PolicyCoefs<acc_of<T>>::from(a.params);
+  if (a.ref_logp == nullptr) coefs.kl_kind = kKlNone;
+  const bool write_grad = a.grad != nullptr;
+  const bool vec = aligned16(a.logits, a.row_stride, a.vocab, sizeof(T)) &&
+                   (!write_grad || aligned16(a.grad, a.grad_row_stride, a.vocab, sizeof(T)));
+  if (write_grad)
+    (vec ? launch<T, true, true> : launch<T, false, true>)(a, coefs, stream);
+  else
+    (vec ? launch<T, true, false> : launch<T, false, false>)(a, coefs, stream);
+}
+
+}  // namespace
+
+void policy_loss_fwd(const PolicyFwdArgs& args, uintptr_t stream) {
+  check_policy_params(args.params);
+  if (args.n_rows <= 0) return;
+  dispatch_dtype(args.dtype, [&](auto tag) {
+    launch_dtype<decltype(tag)>(args, reinterpret_cast<cudaStream_t>(stream));
+  });
+}
+
+}  // namespace cuda
+}  // namespace fastpo
