@@ -44,8 +44,16 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
+def floor_bytes(kept_rows: int, rows: int, vocab: int, itemsize: int) -> int:
+    """Minimal traffic of a fused forward + backward: read every kept row of logits once
+    and write the whole gradient once (ignored rows are never read, but get zeros)."""
+    return (kept_rows + rows) * vocab * itemsize
+
+
 def device_peak_gbps(device: torch.device, mib: int = 512) -> float:
-    """Measured copy bandwidth (read + write) of the device, GB/s."""
+    """Measured copy bandwidth of the device, GB/s, counting read + write bytes of
+    ``dst.copy_(src)``. A copy also pays the write-allocate of ``dst``; an in-place
+    kernel does not, so it can exceed 100 % of this figure."""
     n = mib * (1 << 20) // 4
     src = torch.ones(n, device=device)
     dst = torch.empty_like(src)

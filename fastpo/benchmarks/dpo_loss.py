@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from fastpo.functional.dpo_loss import dpo_loss
 from fastpo.ops import registry
 
-from . import Case
+from . import Case, floor_bytes
 
 OP = "dpo_loss"
 BETA = 0.1
@@ -90,7 +90,7 @@ def _batch(pairs, t, v, dtype, device, hidden=None):
 def _from_logits(pairs, t, v, dtype, device) -> Iterator[Case]:
     logits, labels, ref_c, ref_r = _batch(pairs, t, v, dtype, device)
     common = dict(op=OP, dtype=str(dtype).replace("torch.", ""), shape=f"{2 * pairs}x{t}x{v}",
-                  floor_bytes=2 * 2 * pairs * t * v * logits.element_size())
+                  floor_bytes=floor_bytes(int((labels != -100).sum()), 2 * pairs * t, v, logits.element_size()))
     yield Case(impl="torch-naive", step=_step(lambda: naive_dpo(logits, labels, ref_c, ref_r), [logits]), **common)
     for backend in registry.backends_for("sequence_logprobs", device):
         def fused(z=logits, y=labels, b=backend, inplace=False):
@@ -124,7 +124,7 @@ def _from_hidden(pairs, t, v, dtype, device, hidden) -> Iterator[Case]:
     weight = (torch.randn(v, hidden, generator=torch.Generator().manual_seed(1)) / hidden**0.5).to(dtype)
     weight = weight.to(device).requires_grad_()
     common = dict(op=OP, dtype=str(dtype).replace("torch.", ""), shape=f"{2 * pairs}x{t}x{v} H={hidden}",
-                  floor_bytes=2 * 2 * pairs * t * v * h.element_size(), note="lm_head + DPO (matmul-bound)")
+                  floor_bytes=floor_bytes(int((labels != -100).sum()), 2 * pairs * t, v, h.element_size()), note="lm_head + DPO (matmul-bound)")
     leaves = [h, weight]
     yield Case(impl="linear+torch-naive", step=_step(lambda: naive_dpo(h @ weight.T, labels, ref_c, ref_r), leaves),
                **common)

@@ -23,7 +23,7 @@ import fastpo
 from fastpo.config import PolicyLossConfig
 from fastpo.ops import registry
 
-from . import Case
+from . import Case, floor_bytes
 
 OP = "policy_loss"
 BACKEND_OP = "token_logprobs"  # policy_loss runs on every backend that runs token_logprobs
@@ -116,7 +116,8 @@ def cases(device: torch.device, shapes=None) -> Iterator[Case]:
     for b, t, v, dtype in map(_as_btv, shapes or default_shapes(device)):
         logits, labels, old, adv, ref, mask = _inputs(b, t, v, dtype, device)
         args = (labels, old, adv, ref, mask)
-        floor = 2 * b * t * v * logits.element_size()
+        kept = int((mask & (labels != -100)).sum())
+        floor = floor_bytes(kept, b * t, v, logits.element_size())
         common = dict(op=OP, dtype=str(dtype).replace("torch.", ""), shape=f"{b}x{t}x{v}", floor_bytes=floor)
         yield Case(impl="torch-naive", step=_step(_naive, logits, *args), **common)
         trl = _trl_fn()

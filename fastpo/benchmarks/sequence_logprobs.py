@@ -14,7 +14,7 @@ import torch
 from fastpo.functional.sequence_logprobs import sequence_logprobs
 from fastpo.ops import registry
 
-from . import Case
+from . import Case, floor_bytes
 
 OP = "sequence_logprobs"
 
@@ -57,7 +57,7 @@ def cases(device: torch.device, shapes=None) -> Iterator[Case]:
         labels = labels.to(device)
         upstream = torch.randn(b, generator=gen).to(device)
         common = dict(op=OP, dtype=str(dtype).replace("torch.", ""), shape=f"{b}x{t}x{v}",
-                      floor_bytes=2 * b * t * v * logits.element_size())
+                      floor_bytes=floor_bytes(int((labels != -100).sum()), b * t, v, logits.element_size()))
         yield Case(impl="torch-naive", step=_step(lambda z: naive_sequence_logprobs(z, labels), logits, upstream),
                    **common)
         for backend in registry.backends_for(OP, device):

@@ -17,7 +17,7 @@ import torch
 import fastpo
 from fastpo.ops import registry
 
-from . import Case
+from . import Case, floor_bytes
 
 OP = "token_logprobs"
 
@@ -59,7 +59,7 @@ def cases(device: torch.device, shapes=None) -> Iterator[Case]:
         logits = (torch.randn(n, v, generator=gen) * 2).to(dtype).to(device).requires_grad_()
         labels = torch.randint(0, v, (n,), generator=gen).to(device)
         upstream = torch.randn(n, generator=gen).to(device)
-        floor = 2 * n * v * logits.element_size()
+        floor = floor_bytes(int((labels != -100).sum()), n, v, logits.element_size())
         common = dict(op=OP, dtype=str(dtype).replace("torch.", ""), shape=f"{n}x{v}", floor_bytes=floor)
         yield Case(impl="torch-naive", step=_step(_naive, logits, labels, upstream), **common)
         trl = _trl_fn()
