@@ -20,6 +20,8 @@ from types import ModuleType
 
 import torch
 
+from ..reference._dtypes import acc_dtype
+
 __all__ = [
     "cpu_available", "cuda_available",
     "token_logprobs_fwd", "token_logprobs_bwd",
@@ -69,10 +71,6 @@ def _dtype_code(t: torch.Tensor) -> int:
     if t.stride(-1) != 1:
         raise ValueError("fastpo: the last (vocabulary) dimension must be contiguous")
     return _DTYPE_CODE[t.dtype]
-
-
-def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 def _vec(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -133,7 +131,7 @@ def token_logprobs_fwd(
     n, v = logits.shape
     code = _dtype_code(logits)
     labels = _vec(labels, torch.int64)
-    logp = torch.empty(n, dtype=_acc_dtype(logits), device=logits.device)
+    logp = torch.empty(n, dtype=acc_dtype(logits.dtype), device=logits.device)
     entropy, lse = torch.empty_like(logp), torch.empty_like(logp)
     if n == 0:
         return logp, entropy, lse
@@ -164,7 +162,7 @@ def token_logprobs_bwd(
         raise ValueError("fastpo: grad_out must be [N, V] in the logits' dtype with a contiguous last dim")
     if n == 0:
         return grad_out
-    acc = _acc_dtype(logits)
+    acc = acc_dtype(logits.dtype)
     labels = _vec(labels, torch.int64)
     lse, entropy, grad_logp = _vec(lse, acc), _vec(entropy, acc), _vec(grad_logp, acc)
     grad_entropy = None if grad_entropy is None else _vec(grad_entropy, acc)
@@ -191,7 +189,7 @@ def sequence_logprobs_fwd(
     b, t, v = logits.shape
     code = _dtype_code(logits)
     labels = _vec(labels, torch.int64)
-    out = torch.empty(b, dtype=_acc_dtype(logits), device=logits.device)
+    out = torch.empty(b, dtype=acc_dtype(logits.dtype), device=logits.device)
     lse = torch.empty(b, t, dtype=out.dtype, device=logits.device)
     if b * t == 0:
         return out.zero_(), lse
@@ -222,7 +220,7 @@ def sequence_logprobs_bwd(
         raise ValueError("fastpo: grad_in must be [B, T, V] in the logits' dtype with a contiguous last dim")
     if b * t == 0:
         return grad_in
-    acc = _acc_dtype(logits)
+    acc = acc_dtype(logits.dtype)
     labels, lse, grad_out = _vec(labels, torch.int64), _vec(lse, acc), _vec(grad_out, acc)
     _advise_huge_pages(grad_in, logits)
     with _device_guard(logits):
@@ -251,7 +249,7 @@ def policy_loss_fwd(
     (``fastpo.kernels.policy_loss.policy_loss_fwd``)."""
     n, v = logits.shape
     code = _dtype_code(logits)
-    acc = _acc_dtype(logits)
+    acc = acc_dtype(logits.dtype)
     loss = torch.empty(n, dtype=acc, device=logits.device)
     logp, entropy = torch.empty_like(loss), torch.empty_like(loss)
     if grad_out is not None and (

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference._dtypes import acc_dtype
 from ._online import row_softmax_stats, store_softmax_grad, store_zero_row, to_acc
 from .policy_args import INF, KL_KINDS, VARIANT_CODES, PolicyKernelArgs
 from .token_logprobs import _num_warps, pick_block_v
@@ -163,7 +164,7 @@ def policy_loss_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the fused kernel; returns ``(per_token_loss, logp, entropy)`` ([N] each)."""
     n, v = logits.shape
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(logits.dtype)
     loss = torch.empty(n, dtype=acc, device=logits.device)
     logp, entropy = torch.empty_like(loss), torch.empty_like(loss)
     if n == 0:

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference._dtypes import acc_dtype
 from ._online import row_softmax_stats, store_softmax_grad, store_zero_row, to_acc
 
 __all__ = ["token_logprobs_fwd", "token_logprobs_bwd", "pick_block_v"]
@@ -113,7 +114,7 @@ def token_logprobs_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward; returns ``(logp, entropy, lse)``, each [N] fp32 (fp64 for fp64)."""
     n, v = logits.shape
-    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    out_dtype = acc_dtype(logits.dtype)
     logp = torch.empty(n, dtype=out_dtype, device=logits.device)
     entropy = torch.empty_like(logp)
     lse = torch.empty_like(logp)

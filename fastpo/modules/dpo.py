@@ -49,6 +49,11 @@ class DPOLoss(nn.Module):
         self.inplace_backward = bool(inplace_backward)
         self.backend = backend
 
+    def _loss_options(self) -> dict:
+        """The loss hyper-parameters both paths take, read at call time (schedules allowed)."""
+        return dict(beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+                    gamma=self.gamma, reduction=self.reduction)
+
     def forward(
         self,
         logits: torch.Tensor,  # [2B, T, V]: B chosen rows, then B rejected rows
@@ -62,11 +67,7 @@ class DPOLoss(nn.Module):
             labels,
             ref_chosen_logps,
             ref_rejected_logps,
-            beta=self.beta,
-            loss_type=self.loss_type,
-            label_smoothing=self.label_smoothing,
-            gamma=self.gamma,
-            reduction=self.reduction,
+            **self._loss_options(),
             temperature=self.temperature,
             ignore_index=self.ignore_index,
             inplace_backward=self.inplace_backward,
@@ -89,13 +90,9 @@ class DPOLoss(nn.Module):
             rejected_logps,
             ref_chosen_logps,
             ref_rejected_logps,
-            beta=self.beta,
-            loss_type=self.loss_type,
-            label_smoothing=self.label_smoothing,
-            gamma=self.gamma,
+            **self._loss_options(),
             chosen_lengths=chosen_lengths,
             rejected_lengths=rejected_lengths,
-            reduction=self.reduction,
         )
 
     def extra_repr(self) -> str:

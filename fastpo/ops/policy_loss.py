@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels.policy_args import PolicyKernelArgs
+from ..reference._dtypes import acc_dtype
 from ..reference.policy_loss import aggregate_ref, policy_loss_ref
 from . import registry
 
@@ -72,7 +73,7 @@ def _fused(logits, labels, old, adv, ref, mask, config, backend, ignore_index, n
            grad_out):
     fwd = registry.launcher(OP, backend, "fwd")
     shape = mask.shape
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(logits.dtype)
     adv_tok = (adv.unsqueeze(-1).expand(shape) if adv.dim() == 1 else adv).to(acc).reshape(-1).contiguous()
     ref_flat = None if ref is None else ref.to(acc).reshape(-1).contiguous()
     weight = aggregation_weight(mask, config, num_tokens, num_sequences, acc).reshape(-1).contiguous()

@@ -24,6 +24,7 @@ import functools
 import torch
 
 from ..reference.sequence_logprobs import sequence_grad_logp, sequence_sum
+from ..reference._dtypes import acc_dtype
 from . import registry
 
 OP = "sequence_logprobs"
@@ -51,10 +52,6 @@ registry.register(
 )
 
 
-def _out_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
 def _row_blocks(*tensors: torch.Tensor) -> list[tuple[slice, list[torch.Tensor]]]:
     """``[B, T, V]`` tensors as ``[rows, V]`` blocks the per-token launchers accept: one
     ``[B*T, V]`` view when every tensor's strides allow it, else one ``[T, V]`` view per
@@ -69,7 +66,7 @@ def _row_blocks(*tensors: torch.Tensor) -> list[tuple[slice, list[torch.Tensor]]
 def _composed_fwd(backend, logits, labels, temperature, ignore_index, average):
     fwd = registry.launcher(TOKEN_OP, backend, "fwd")
     b, t, _ = logits.shape
-    logp = torch.empty(b, t, dtype=_out_dtype(logits), device=logits.device)
+    logp = torch.empty(b, t, dtype=acc_dtype(logits.dtype), device=logits.device)
     lse = torch.empty_like(logp)
     for rows, (block,) in _row_blocks(logits):
         lp, _, ls = fwd(block, labels[rows].reshape(-1), temperature, ignore_index)
@@ -108,7 +105,7 @@ def sequence_logprobs_fwd_op(
 @sequence_logprobs_fwd_op.register_fake
 def _(logits, labels, temperature, ignore_index, average, backend):
     b, t, _ = logits.shape
-    return logits.new_empty(b, dtype=_out_dtype(logits)), logits.new_empty(b, t, dtype=_out_dtype(logits))
+    return logits.new_empty(b, dtype=acc_dtype(logits.dtype)), logits.new_empty(b, t, dtype=acc_dtype(logits.dtype))
 
 
 @torch.library.custom_op("fastpo::sequence_logprobs_bwd", mutates_args=())

@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from ..reference._dtypes import acc_dtype
 from . import registry
 
 OP = "token_logprobs"
@@ -36,10 +37,6 @@ registry.register(
 )
 
 
-def _out_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
 @torch.library.custom_op("fastpo::token_logprobs_fwd", mutates_args=())
 def token_logprobs_fwd_op(
     logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int, backend: str
@@ -52,7 +49,7 @@ def token_logprobs_fwd_op(
 @token_logprobs_fwd_op.register_fake
 def _(logits, labels, temperature, ignore_index, backend):
     n = logits.shape[0]
-    out = logits.new_empty(n, dtype=_out_dtype(logits))
+    out = logits.new_empty(n, dtype=acc_dtype(logits.dtype))
     return out, torch.empty_like(out), torch.empty_like(out)
 
 

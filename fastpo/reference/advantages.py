@@ -24,17 +24,11 @@ from __future__ import annotations
 
 import torch
 
+from ._dtypes import acc_dtype, keep_mask
+
 from .policy_loss import aggregate_ref
 
 __all__ = ["gae_ref", "value_loss_ref", "whiten_ref"]
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _keep(mask: torch.Tensor) -> torch.Tensor:
-    return mask if mask.dtype == torch.bool else mask != 0
 
 
 def value_loss_ref(
@@ -50,8 +44,8 @@ def value_loss_ref(
     agg_scale=None,
 ) -> torch.Tensor:
     """Clipped PPO value loss, 0-dim (fp32; fp64 for fp64 values)."""
-    acc = _acc_dtype(values.dtype)
-    keep = _keep(mask)
+    acc = acc_dtype(values.dtype)
+    keep = keep_mask(mask)
     zero = torch.zeros((), dtype=acc, device=values.device)
     v = torch.where(keep, values.to(acc), zero)
     v_old = torch.where(keep, old_values.to(acc), zero)
@@ -76,8 +70,8 @@ def gae_ref(
     lam: float = 0.95,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(advantages, returns)``, each ``[B, T]``, detached, 0 where mask is 0."""
-    acc = _acc_dtype(rewards.dtype)
-    keep = _keep(mask)
+    acc = acc_dtype(rewards.dtype)
+    keep = keep_mask(mask)
     with torch.no_grad():
         zero = torch.zeros((), dtype=acc, device=rewards.device)
         r = torch.where(keep, rewards.detach().to(acc), zero)
@@ -104,8 +98,8 @@ def whiten_ref(
     eps: float = 1e-8,
 ) -> torch.Tensor:
     """Masked whitening over all masked tokens of the batch; 0 where mask is 0. Differentiable."""
-    acc = _acc_dtype(x.dtype)
-    keep = _keep(mask)
+    acc = acc_dtype(x.dtype)
+    keep = keep_mask(mask)
     zero = torch.zeros((), dtype=acc, device=x.device)
     xs = torch.where(keep, x.to(acc), zero)
     count = keep.sum().to(acc)

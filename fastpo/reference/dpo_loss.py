@@ -51,6 +51,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from ._dtypes import acc_dtype
 import torch.nn.functional as F
 
 __all__ = ["dpo_loss_ref", "LOSS_TYPES", "LENGTH_NORMALIZED", "REFERENCE_FREE", "EXO_DEFAULT_EPS"]
@@ -78,7 +80,8 @@ EXO_DEFAULT_EPS = 1e-3
 
 
 def _acc_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    """The shared accumulation rule (``acc_dtype``) over several inputs: float64 if any is."""
+    return acc_dtype(next((t.dtype for t in tensors if t is not None and t.dtype == torch.float64), torch.float32))
 
 
 def dpo_loss_ref(

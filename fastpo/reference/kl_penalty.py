@@ -27,13 +27,11 @@ import math
 
 import torch
 
+from ._dtypes import acc_dtype
+
 __all__ = ["KL_ESTIMATORS_REF", "kl_penalty_ref"]
 
 KL_ESTIMATORS_REF = ("k1", "k2", "k3", "abs", "k1+", "k2+", "k3+", "abs+")
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _kl_value(d: torch.Tensor, base: str, clamp: float | None) -> torch.Tensor:
@@ -64,7 +62,7 @@ def kl_penalty_ref(
     """Per-token KL estimate shaped like ``logprobs`` (fp32, fp64 for fp64 input)."""
     if estimator not in KL_ESTIMATORS_REF:
         raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {', '.join(KL_ESTIMATORS_REF)}")
-    acc = _acc_dtype(logprobs.dtype)
+    acc = acc_dtype(logprobs.dtype)
     d = logprobs.to(acc) - ref_logprobs.to(acc)
     straight_through = estimator.endswith("+")
     base = estimator.rstrip("+")

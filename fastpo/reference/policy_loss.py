@@ -38,17 +38,11 @@ from __future__ import annotations
 
 import torch
 
+from ._dtypes import acc_dtype, keep_mask
+
 from .kl_penalty import kl_penalty_ref
 
 __all__ = ["aggregate_ref", "masked_token_mean_ref", "policy_loss_ref"]
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _keep(mask: torch.Tensor) -> torch.Tensor:
-    return mask if mask.dtype == torch.bool else mask != 0
 
 
 def _count(value, like: torch.Tensor):
@@ -68,7 +62,7 @@ def aggregate_ref(
     agg_scale=None,
 ) -> torch.Tensor:
     """The aggregation formula of every fastpo policy/value loss (module docstring)."""
-    keep = _keep(mask)
+    keep = keep_mask(mask)
     loss = torch.where(keep, per_token_loss, torch.zeros((), dtype=per_token_loss.dtype, device=keep.device))
     batch, length = loss.shape
     seqs = max(batch, 1) if num_sequences is None else _count(num_sequences, loss)
@@ -88,7 +82,7 @@ def aggregate_ref(
 
 def masked_token_mean_ref(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """sum m x / max(1, sum m) over the whole batch, in x's dtype."""
-    keep = _keep(mask)
+    keep = keep_mask(mask)
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     return torch.where(keep, x, zero).sum() / keep.sum().clamp(min=1).to(x.dtype)
 
@@ -114,8 +108,8 @@ def policy_loss_ref(
     variant = config.variant
     if variant not in ("ppo", "gspo", "cispo"):
         raise ValueError(f"unknown variant {variant!r}")
-    acc = _acc_dtype(logprobs.dtype)
-    keep = _keep(mask)
+    acc = acc_dtype(logprobs.dtype)
+    keep = keep_mask(mask)
     zero = torch.zeros((), dtype=acc, device=logprobs.device)
 
     def masked(x: torch.Tensor) -> torch.Tensor:

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import torch
 
+from ._dtypes import acc_dtype
+
 __all__ = ["token_logprobs_ref", "token_logprobs_chunked_fwd", "token_logprobs_chunked_bwd"]
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def token_logprobs_ref(
@@ -36,7 +34,7 @@ def token_logprobs_ref(
     logits ``[..., V]`` any float dtype; labels ``[...]`` integer. Computes in float64
     for float64 logits, else float32. Differentiable with respect to ``logits``.
     """
-    x = logits.to(_acc_dtype(logits.dtype)) / temperature
+    x = logits.to(acc_dtype(logits.dtype)) / temperature
     logp_all = torch.log_softmax(x, dim=-1)
     keep = labels != ignore_index
     safe = torch.where(keep, labels, torch.zeros_like(labels)).long()
@@ -63,7 +61,7 @@ def token_logprobs_chunked_fwd(
     exists. Each row's result depends on that row alone (batch invariant).
     """
     n, v = logits.shape
-    acc = _acc_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     logp = torch.zeros(n, dtype=acc, device=logits.device)
     entropy = torch.zeros(n, dtype=acc, device=logits.device)
     lse = torch.zeros(n, dtype=acc, device=logits.device)
@@ -103,7 +101,7 @@ def token_logprobs_chunked_bwd(
     d H    / d z_j = -p_j (log p_j + H) / tau
     """
     n, v = logits.shape
-    acc = _acc_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     step = chunk_rows or _chunk_rows(n, v)
     for start in range(0, n, step):
         rows = slice(start, min(n, start + step))
