@@ -9,6 +9,7 @@ leaves a working pure-Python install (the torch / triton backends) and says so.
 """
 import os
 import platform
+import runpy
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,9 @@ CUDA_ARCHS = os.environ.get("FASTPO_CUDA_ARCHS", "80;90").replace(",", ";").spli
 CXX_FLAGS = ["-O3", "-std=c++17", "-fvisibility=hidden"]
 # Portable baseline; AVX2 / AVX-512 variants are chosen at run time (csrc/cpu/row_kernels.cpp).
 ARCH_FLAGS = ["-march=x86-64-v2"] if platform.machine().lower() in ("x86_64", "amd64") else []
+
+
+_NVCC = runpy.run_path(str(Path(__file__).parent / "csrc" / "nvcc_flags.py"))  # shared with fastpo/aot/cuda_report.py
 
 
 def _sources(folder: str, *suffixes: str) -> list[str]:
@@ -65,10 +69,8 @@ class BuildExt(build_ext):
     def _nvcc_compile(self, src: str) -> str:
         obj = str(Path(self.build_temp, "cuda", Path(src).stem + ".o"))
         Path(obj).parent.mkdir(parents=True, exist_ok=True)
-        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]
-        gencode.append(f"-gencode=arch=compute_{CUDA_ARCHS[-1]},code=compute_{CUDA_ARCHS[-1]}")  # PTX for newer GPUs
-        self.spawn([_nvcc(), "-c", src, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC,-fvisibility=hidden",
-                    *gencode])
+        self.spawn([_nvcc(), "-c", src, "-o", obj, *_NVCC["NVCC_FLAGS"], *_NVCC["HOST_FLAGS"],
+                    *_NVCC["gencode"](CUDA_ARCHS)])
         return obj
 
 

@@ -23,27 +23,46 @@ enum DtypeCode : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 }
 // ---------------------------------------------------------------- arguments
 // Element strides; int64 everywhere (N * V can exceed 2^31). Outputs and the
 // incoming gradients are contiguous fp32 (fp64 when dtype == kFloat64).
+
+// Where row r of an [R, C, V] (or [N, V]) tensor starts: rows are numbered
+// row-major, r = i C + j, at element offset i stride0 + j stride1 (any strides;
+// the vocabulary dim is contiguous). A 2-D [N, V] tensor is C = 1. This is how
+// the causal-LM shift `logits[:, :-1]` is read without a copy.
+struct RowLayout {
+  int64_t cols;              // C >= 1
+  int64_t stride0, stride1;  // element strides of dims 0 and 1
+  FASTPO_HD int64_t offset(int64_t r) const {
+    return cols == 1 ? r * stride0 : (r / cols) * stride0 + (r % cols) * stride1;
+  }
+};
+
+// A label outside [0, V) that is not ignore_index: the Python layer raises first,
+// but a kernel never reads row[y] for one; it writes NaN for that row instead.
+FASTPO_HD bool label_out_of_range(int64_t y, int64_t vocab) { return y < 0 || y >= vocab; }
+
 struct TokenFwdArgs {
-  const void* logits;     // [N, V] dtype, row stride `row_stride`, last dim contiguous
+  const void* logits;     // [N, V] dtype, rows at `layout`, last dim contiguous
   const int64_t* labels;  // [N]
   void* logp;             // [N] out
   void* entropy;          // [N] out
   void* lse;              // [N] out, saved for the backward (0 on ignored rows)
-  int64_t n_rows, vocab, row_stride;
+  int64_t n_rows, vocab;
+  RowLayout layout;
   int dtype;
   double temperature;
   int64_t ignore_index;
 };
 
 struct TokenBwdArgs {
-  const void* logits;        // [N, V] dtype
+  const void* logits;        // [N, V] dtype, rows at `layout`
   const int64_t* labels;     // [N]
   const void* lse;           // [N] from the forward
   const void* entropy;       // [N] from the forward
   const void* grad_logp;     // [N]
   const void* grad_entropy;  // [N] or nullptr (no entropy term)
-  void* grad;                // [N, V] dtype, row stride `grad_row_stride`; may equal `logits`
-  int64_t n_rows, vocab, row_stride, grad_row_stride;
+  void* grad;                // [N, V] dtype, rows at `grad_layout`; may equal `logits`
+  int64_t n_rows, vocab;
+  RowLayout layout, grad_layout;
   int dtype;
   double temperature;
   int64_t ignore_index;
@@ -66,6 +85,7 @@ struct SeqBwdArgs {
   const int64_t* labels;  // [B, T]
   const void* lse;        // [B * T] from the forward
   const void* grad_out;   // [B]
+  void* scale;            // [B] scratch (accumulation type): grad_out_b / max(1, count_b), counted once
   void* grad;             // [B, T, V] dtype, strides (grad_stride_b, grad_stride_t, 1); may equal `logits`
   int64_t batch, seq_len, vocab, stride_b, stride_t, grad_stride_b, grad_stride_t;
   int dtype;
@@ -87,7 +107,7 @@ struct PolicyParams {
 // Per-token inputs old / adv / ref / weight and the outputs are in the
 // accumulation type (fp32, fp64 for fp64 logits).
 struct PolicyFwdArgs {
-  const void* logits;     // [N, V] dtype, row stride `row_stride`, last dim contiguous
+  const void* logits;     // [N, V] dtype, rows at `layout`, last dim contiguous
   const int64_t* labels;  // [N]; masked tokens carry ignore_index
   const void* old_logp;   // [N]
   const void* adv;        // [N] per-token advantages
@@ -96,8 +116,9 @@ struct PolicyFwdArgs {
   void* loss;             // [N] out: per-token loss
   void* logp;             // [N] out
   void* entropy;          // [N] out
-  void* grad;             // [N, V] dtype out, row stride `grad_row_stride`, or nullptr; may equal `logits`
-  int64_t n_rows, vocab, row_stride, grad_row_stride;
+  void* grad;             // [N, V] dtype out, rows at `grad_layout`, or nullptr; may equal `logits`
+  int64_t n_rows, vocab;
+  RowLayout layout, grad_layout;
   int dtype;
   PolicyParams params;
   double temperature;

@@ -5,7 +5,7 @@
 //           with g_lp = w dL/dlogp and g_H = -w entropy_coef, w the token's aggregation weight.
 // Both passes run back to back on one row, so the second read mostly hits the
 // cache. Ignored rows (y == ignore_index) are never read: L = logp = H = 0 and a
-// zero gradient row. Same row kernels as token_logprobs (row_kernels.h).
+// zero gradient row; nor are rows whose label is outside [0, V): NaN, NaN gradient. Same row kernels as token_logprobs (row_kernels.h).
 #include <cstdint>
 
 #include "../policy_math.h"
@@ -30,19 +30,22 @@ void policy_rows(const PolicyFwdArgs& a, int num_threads) {
   in_t* grad = static_cast<in_t*>(a.grad);
   PolicyCoefs<acc_t> coefs = PolicyCoefs<acc_t>::from(a.params);
   if (ref == nullptr) coefs.kl_kind = kKlNone;
-  const acc_t inv_tau = acc_t(1.0 / a.temperature);
+  const acc_t inv_tau = acc_t(1.0 / a.temperature);  // in double on the host
   const bool has_entropy_grad = coefs.entropy_coef != acc_t(0);
-  const int nt = num_threads > 0 ? num_threads : omp_default_threads();
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t i = 0; i < a.n_rows; ++i) {
+  parallel_rows(a.n_rows, a.vocab, sizeof(in_t), num_threads, [&](int64_t i) {
     const int64_t y = a.labels[i];
-    in_t* grad_row = grad != nullptr ? grad + i * a.grad_row_stride : nullptr;
+    in_t* grad_row = grad != nullptr ? grad + a.grad_layout.offset(i) : nullptr;
     if (y == a.ignore_index) {
       loss[i] = logp[i] = entropy[i] = acc_t(0);
       if (grad_row != nullptr) zero_row(grad_row, a.vocab);
-      continue;
+      return;
     }
-    const in_t* row = logits + i * a.row_stride;
+    if (label_out_of_range(y, a.vocab)) {  // never read: NaN outputs, a NaN gradient row
+      loss[i] = logp[i] = entropy[i] = acc_t(NAN);
+      if (grad_row != nullptr) nan_row(grad_row, a.vocab);
+      return;
+    }
+    const in_t* row = logits + a.layout.offset(i);
     const SoftmaxState<acc_t> st = k.stats(row, a.vocab, inv_tau);
     const acc_t row_lse = st.lse(), row_entropy = st.entropy();
     const acc_t lp = load_acc<acc_t>(row[y]) * inv_tau - row_lse;
@@ -51,7 +54,7 @@ void policy_rows(const PolicyFwdArgs& a, int num_threads) {
     loss[i] = tok.v;
     logp[i] = lp;
     entropy[i] = row_entropy;
-    if (grad_row == nullptr) continue;
+    if (grad_row == nullptr) return;
     const acc_t w = weight[i];
     RowGrad<acc_t> c;
     c.lse = row_lse;
@@ -67,7 +70,7 @@ void policy_rows(const PolicyFwdArgs& a, int num_threads) {
     // already-faulted buffer gains from streaming: 20 vs 26 ms.)
     c.stream = false;
     k.grad(row, grad_row, a.vocab, c);
-  }
+  });
 }
 
 }  // namespace

@@ -56,5 +56,12 @@ inline void zero_row(in_t* grad, int64_t vocab) {
   std::memset(static_cast<void*>(grad), 0, size_t(vocab) * sizeof(in_t));
 }
 
+// A row of NaN (a label outside [0, V): a second signal after the Python check).
+template <typename in_t>
+inline void nan_row(in_t* grad, int64_t vocab) {
+  const acc_of<in_t> nan = NAN;
+  for (int64_t j = 0; j < vocab; ++j) store_acc(grad + j, nan);
+}
+
 }  // namespace cpu
 }  // namespace fastpo

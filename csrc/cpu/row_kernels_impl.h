@@ -117,8 +117,16 @@ SoftmaxState<acc_of<in_t>> row_stats(const in_t* row, int64_t vocab, acc_of<in_t
       x[groups++] = v;
       vmax = v > vmax ? v : vmax;
     }
+    // The max skips NaN (a comparison with NaN is false); a NaN then reaches s
+    // through d = NaN - m below, except in a chunk whose other entries are all
+    // -inf: that chunk is empty but for its NaN, which must not be dropped.
     const acc_t m = lanes_max<acc_t>(vmax);
-    if (m == neg_inf) continue;  // every entry -inf: an empty chunk
+    if (m == neg_inf) {  // every entry -inf or NaN (rare: checked element by element)
+      for (int g = 0; g < groups; ++g)
+        for (int l = 0; l < kLanes; ++l)
+          if (x[g][l] != x[g][l]) state.s = state.t = acc_t(NAN);  // sticky through merge()
+      continue;
+    }
     // While this chunk is swept from L1, prefetch the next one (a cache line per
     // group) so that memory and arithmetic overlap.
     const char* next = reinterpret_cast<const char*>(src + n);

@@ -60,6 +60,10 @@ template <typename acc_t> FASTPO_HD acc_t load_acc(float v) { return acc_t(v); }
 template <typename acc_t> FASTPO_HD acc_t load_acc(double v) { return acc_t(v); }
 template <typename acc_t> FASTPO_HD acc_t load_acc(bf16 v) { return bf16_to_f32(v.bits); }
 template <typename acc_t> FASTPO_HD acc_t load_acc(f16 v) { return f16_to_f32(v.bits); }
+FASTPO_HD void store_acc(float* p, float v) { *p = v; }
+FASTPO_HD void store_acc(double* p, double v) { *p = v; }
+FASTPO_HD void store_acc(bf16* p, float v) { p->bits = f32_to_bf16(v); }
+FASTPO_HD void store_acc(f16* p, float v) { p->bits = f32_to_f16(v); }
 
 // Storage bits of one pack of in_t.
 template <typename in_t> struct RawOf { using type = u16xL; };  // bf16, f16

@@ -1,9 +1,11 @@
-// token_logprobs on CPU: per row of logits z [N, V] with label y, x = z / tau,
+// token_logprobs on CPU: per row of logits z [N, V] (or [R, C, V], RowLayout) with
+// label y, x = z / tau,
 //   forward   logp = x_y - lse,  H = log s - t / s          (one read of the row)
 //   backward  grad_j = (1/tau)[g_lp (1[j=y] - p_j) - g_H p_j (log p_j + H)]
 //                                                     (one read, one write)
 // Ignored rows (y == ignore_index) are never read: logp = H = lse = 0 and a
-// zero gradient row. Rows are independent, so OpenMP splits them statically.
+// zero gradient row. A label outside [0, V) is never read either: NaN outputs
+// and a NaN gradient row. Rows are independent (parallel_rows).
 #include <cstdint>
 
 #include "ops_cpu.h"
@@ -20,22 +22,24 @@ void fwd_rows(const TokenFwdArgs& a, int num_threads) {
   acc_t* logp = static_cast<acc_t*>(a.logp);
   acc_t* entropy = static_cast<acc_t*>(a.entropy);
   acc_t* lse = static_cast<acc_t*>(a.lse);
-  const acc_t inv_tau = acc_t(1.0 / a.temperature);
-  const int nt = num_threads > 0 ? num_threads : omp_default_threads();
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t i = 0; i < a.n_rows; ++i) {
+  const acc_t inv_tau = acc_t(1.0 / a.temperature);  // in double on the host, then rounded once
+  parallel_rows(a.n_rows, a.vocab, sizeof(in_t), num_threads, [&](int64_t i) {
     const int64_t y = a.labels[i];
     if (y == a.ignore_index) {
       logp[i] = entropy[i] = lse[i] = acc_t(0);
-      continue;
+      return;
     }
-    const in_t* row = logits + i * a.row_stride;
+    if (label_out_of_range(y, a.vocab)) {
+      logp[i] = entropy[i] = lse[i] = acc_t(NAN);
+      return;
+    }
+    const in_t* row = logits + a.layout.offset(i);
     const SoftmaxState<acc_t> st = k.stats(row, a.vocab, inv_tau);
     const acc_t row_lse = st.lse();
     lse[i] = row_lse;
     entropy[i] = st.entropy();
     logp[i] = load_acc<acc_t>(row[y]) * inv_tau - row_lse;
-  }
+  });
 }
 
 template <typename in_t>
@@ -51,14 +55,16 @@ void bwd_rows(const TokenBwdArgs& a, int num_threads) {
   const acc_t inv_tau = acc_t(1.0 / a.temperature);
   // (16-bit grads: streaming measured slower, their writes are cheap enough)
   const bool stream = sizeof(in_t) >= 4 && a.n_rows * a.vocab * int64_t(sizeof(in_t)) >= stream_min_bytes();
-  const int nt = num_threads > 0 ? num_threads : omp_default_threads();
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t i = 0; i < a.n_rows; ++i) {
+  parallel_rows(a.n_rows, a.vocab, sizeof(in_t), num_threads, [&](int64_t i) {
     const int64_t y = a.labels[i];
-    in_t* grad_row = grad + i * a.grad_row_stride;
+    in_t* grad_row = grad + a.grad_layout.offset(i);
     if (y == a.ignore_index) {
       zero_row(grad_row, a.vocab);
-      continue;
+      return;
+    }
+    if (label_out_of_range(y, a.vocab)) {
+      nan_row(grad_row, a.vocab);
+      return;
     }
     RowGrad<acc_t> c;
     c.lse = lse[i];
@@ -69,8 +75,8 @@ void bwd_rows(const TokenBwdArgs& a, int num_threads) {
     c.label = y;
     c.stream = stream;
     c.has_entropy_grad = grad_entropy != nullptr;
-    k.grad(logits + i * a.row_stride, grad_row, a.vocab, c);
-  }
+    k.grad(logits + a.layout.offset(i), grad_row, a.vocab, c);
+  });
 }
 
 }  // namespace

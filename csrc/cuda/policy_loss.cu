@@ -5,7 +5,10 @@
 //           with g_lp = w dL/dlogp and g_H = -w entropy_coef, w the token's aggregation weight.
 // The label's logit is read before block_merge, whose barrier orders that read
 // before any thread overwrites the row (grad may equal the logits). Ignored rows
-// (y == ignore_index) are not read: L = logp = H = 0 and a zero gradient row.
+// (y == ignore_index) are not read: L = logp = H = 0 and a zero gradient row; nor
+// are rows whose label is outside [0, V): NaN outputs and a NaN gradient row.
+// Loops unrolled by kUnrollPolicy = 2 (not 4): at two 512-thread blocks per SM
+// (<= 64 registers) the 16-bit variants spilled with 4 packs in flight.
 #include "../policy_math.h"
 #include "ops_cuda.h"
 #include "row_softmax.cuh"
@@ -14,9 +17,9 @@ namespace fastpo {
 namespace cuda {
 namespace {
 
-template <typename T, bool kVec, bool kWriteGrad, bool kHasEntropyGrad>
-__global__ void __launch_bounds__(1024) policy_loss_fwd_kernel(
-    const T* logits,                         // [N, V] T, row stride `row_stride` (may alias grad)
+template <typename T, bool kWriteGrad, bool kHasEntropyGrad>
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocks) policy_loss_fwd_kernel(
+    const T* logits,                         // [N, V] T, rows at `layout` (may alias grad)
     const int64_t* __restrict__ labels,      // [N]; masked tokens carry ignore_index
     const acc_of<T>* __restrict__ old,       // [N] old log-probs
     const acc_of<T>* __restrict__ adv,       // [N] advantages (per token)
@@ -25,20 +28,21 @@ __global__ void __launch_bounds__(1024) policy_loss_fwd_kernel(
     acc_of<T>* __restrict__ loss,            // [N] out
     acc_of<T>* __restrict__ logp,            // [N] out
     acc_of<T>* __restrict__ entropy,         // [N] out
-    T* grad,                                 // [N, V] T out (kWriteGrad), row stride `grad_row_stride`
-    int64_t vocab, int64_t row_stride, int64_t grad_row_stride,
+    T* grad,                                 // [N, V] T out (kWriteGrad), rows at `grad_layout`
+    int64_t vocab, const RowLayout layout, const RowLayout grad_layout,
     acc_of<T> inv_tau, int64_t ignore_index, const PolicyCoefs<acc_of<T>> coefs) {
   using acc_t = acc_of<T>;
   const int64_t rowi = blockIdx.x;
   const int64_t y = labels[rowi];
-  if (y == ignore_index) {
-    if (threadIdx.x == 0) loss[rowi] = logp[rowi] = entropy[rowi] = acc_t(0);
-    if (kWriteGrad) zero_row(grad + rowi * grad_row_stride, vocab);
+  if (y == ignore_index || label_out_of_range(y, vocab)) {  // uniform over the block
+    const acc_t fill = y == ignore_index ? acc_t(0) : acc_t(NAN);
+    if (threadIdx.x == 0) loss[rowi] = logp[rowi] = entropy[rowi] = fill;
+    if (kWriteGrad) fill_row(grad + grad_layout.offset(rowi), vocab, fill);
     return;
   }
-  const T* row = logits + rowi * row_stride;
-  const acc_t z_y = to_acc(row[y]);
-  const SoftmaxState<acc_t> st = block_merge(thread_row_state<T, kVec>(row, vocab, inv_tau));
+  const T* row = logits + layout.offset(rowi);
+  const acc_t z_y = to_acc(row[y]);  // before block_merge's barrier: no thread has written yet
+  const SoftmaxState<acc_t> st = block_merge(thread_row_state<T, kUnrollPolicy<T>>(row, vocab, inv_tau));
   const acc_t row_lse = st.lse(), row_entropy = st.entropy();
   const acc_t lp = z_y * inv_tau - row_lse;
   const ValGrad<acc_t> tok = policy_token_loss(lp, row_entropy, old[rowi], adv[rowi],
@@ -57,20 +61,20 @@ __global__ void __launch_bounds__(1024) policy_loss_fwd_kernel(
     c.g_lp = w * tok.d * inv_tau;
     c.g_H = -w * coefs.entropy_coef * inv_tau;
     c.label = y;
-    row_grad<T, kVec, kHasEntropyGrad>(row, grad + rowi * grad_row_stride, vocab, c);
+    row_grad<T, kUnrollPolicy<T>, kHasEntropyGrad>(row, grad + grad_layout.offset(rowi), vocab, c);
   }
 }
 
-template <typename T, bool kVec, bool kWriteGrad>
+template <typename T, bool kWriteGrad>
 void launch(const PolicyFwdArgs& a, const PolicyCoefs<acc_of<T>>& coefs, cudaStream_t stream) {
   using acc_t = acc_of<T>;
-  auto kernel = kWriteGrad && coefs.entropy_coef != acc_t(0) ? policy_loss_fwd_kernel<T, kVec, kWriteGrad, true>
-                                                             : policy_loss_fwd_kernel<T, kVec, kWriteGrad, false>;
+  auto kernel = kWriteGrad && coefs.entropy_coef != acc_t(0) ? policy_loss_fwd_kernel<T, kWriteGrad, true>
+                                                             : policy_loss_fwd_kernel<T, kWriteGrad, false>;
   kernel<<<grid_for(a.n_rows), threads_for(a.vocab, sizeof(T)), 0, stream>>>(
       static_cast<const T*>(a.logits), a.labels, static_cast<const acc_t*>(a.old_logp),
       static_cast<const acc_t*>(a.adv), static_cast<const acc_t*>(a.ref_logp), static_cast<const acc_t*>(a.weight),
       static_cast<acc_t*>(a.loss), static_cast<acc_t*>(a.logp), static_cast<acc_t*>(a.entropy),
-      static_cast<T*>(a.grad), a.vocab, a.row_stride, a.grad_row_stride, acc_t(1.0 / a.temperature),
+      static_cast<T*>(a.grad), a.vocab, a.layout, a.grad_layout, acc_t(1.0 / a.temperature),
       a.ignore_index, coefs);
   check_launch("policy_loss_fwd");
 }
@@ -79,13 +83,13 @@ template <typename T>
 void launch_dtype(const PolicyFwdArgs& a, cudaStream_t stream) {
   PolicyCoefs<acc_of<T>> coefs = PolicyCoefs<acc_of<T>>::from(a.params);
   if (a.ref_logp == nullptr) coefs.kl_kind = kKlNone;
-  const bool write_grad = a.grad != nullptr;
-  const bool vec = aligned16(a.logits, a.row_stride, a.vocab, sizeof(T)) &&
-                   (!write_grad || aligned16(a.grad, a.grad_row_stride, a.vocab, sizeof(T)));
-  if (write_grad)
-    (vec ? launch<T, true, true> : launch<T, false, true>)(a, coefs, stream);
-  else
-    (vec ? launch<T, true, false> : launch<T, false, false>)(a, coefs, stream);
+  check_element_aligned(a.logits, sizeof(T), "policy_loss_fwd");
+  if (a.grad != nullptr) {
+    check_element_aligned(a.grad, sizeof(T), "policy_loss_fwd");
+    launch<T, true>(a, coefs, stream);
+  } else {
+    launch<T, false>(a, coefs, stream);
+  }
 }
 
 }  // namespace

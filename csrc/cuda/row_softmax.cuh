@@ -5,10 +5,20 @@
 // the backward streams the row once more, reading and writing each element in
 // the same thread (so the gradient may overwrite the logits).
 //
-// Loads are 16 bytes wide when the row start, the row stride and V allow it
-// (kVec), else one element at a time. Each thread owns a fixed set of
-// elements that depends only on V and the block size, and the block size only
-// on V and the dtype: a row's result never depends on the batch.
+// Loads are 16 bytes wide for any V and any base: a row is split into a head
+// (the < 16 / sizeof(T) elements before its first 16-byte boundary), a body of
+// 16-byte packs and a tail (< one pack), and only the head and tail are read one
+// element at a time (odd vocabularies such as 50257 or 32001, whose rows start
+// at every alignment in turn, and misaligned views).
+//
+// Batch invariance, precisely: which elements a thread folds, and in which
+// order, depends only on V, the block size (a function of V and the dtype) and
+// the row's base address modulo 16 bytes. A row therefore gives bitwise the same
+// result whatever the batch size, the other rows, the chunking and the run, as
+// long as its start has the same alignment modulo 16 bytes. Two views of the
+// same row whose starts differ in alignment (e.g. the same sequence at an even
+// and at an odd row of a [N, 50257] bf16 tensor) may differ in the last bits of
+// lse / entropy (fp32 rounding of a different summation order), never more.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -58,10 +68,17 @@ struct alignas(16) Pack {
   T v[kN];
 };
 
-constexpr int kUnroll = 4;  // packs in flight per thread
+// Packs in flight per thread (loop unroll): 4 for the read-only kernels, 2 for
+// the fused policy kernel, which keeps more values live (issue 8, defect 9)
+// (fp64: 2 and 1 — its packs are only 2 elements but its state takes twice the registers.)
+template <typename T> constexpr int kUnrollRead = sizeof(T) == 8 ? 2 : 4;
+template <typename T> constexpr int kUnrollPolicy = sizeof(T) == 8 ? 1 : 2;
 
 // Fold kN elements into the thread's state: rescale once to the new max, then
-// accumulate s += e, t += e d with d = x - m.
+// accumulate s += e, t += e d with d = x - m. The max ignores NaN (fmax); a NaN
+// still reaches s through d = NaN - m, except while the state's max is -inf
+// (everything seen so far -inf): then it is recorded in s directly, where it
+// stays through every later rescale and merge (issue 8, defect 2).
 template <int kN, typename T, typename acc_t>
 __device__ __forceinline__ void absorb(SoftmaxState<acc_t>& st, const T* v, acc_t inv_tau) {
   acc_t x[kN];
@@ -69,10 +86,16 @@ __device__ __forceinline__ void absorb(SoftmaxState<acc_t>& st, const T* v, acc_
 #pragma unroll
   for (int k = 0; k < kN; ++k) {
     x[k] = to_acc(v[k]) * inv_tau;
-    vmax = fmax(vmax, x[k]);  // ignores NaN; a NaN still reaches s through d
+    vmax = fmax(vmax, x[k]);
   }
   if (vmax > st.m) st.rescale(vmax);
-  if (st.m == acc_t(-INFINITY)) return;  // only -inf so far
+  if (st.m == acc_t(-INFINITY)) {  // only -inf (and NaN) so far: rare
+    bool nan = false;
+#pragma unroll
+    for (int k = 0; k < kN; ++k) nan |= x[k] != x[k];
+    if (nan) st.s = st.t = acc_t(NAN);
+    return;
+  }
 #pragma unroll
   for (int k = 0; k < kN; ++k) {
     const acc_t d = floor_diff(x[k] - st.m);
@@ -82,25 +105,40 @@ __device__ __forceinline__ void absorb(SoftmaxState<acc_t>& st, const T* v, acc_
   }
 }
 
-// This thread's state over its elements of row[0:vocab].
-template <typename T, bool kVec>
+// A row's split: `head` elements before its first 16-byte boundary (fewer if V
+// is smaller), then `n_packs` whole packs, then `vocab - head - n_packs kN` tail
+// elements (< kN). Needs an element-aligned base (every torch tensor has one).
+struct RowSplit {
+  int64_t head, n_packs, body_end;
+};
+
+template <typename T>
+__device__ __forceinline__ RowSplit split_row(const T* row, int64_t vocab) {
+  constexpr int kN = Pack<T>::kN;
+  const int mis = int(reinterpret_cast<uintptr_t>(row) % 16) / int(sizeof(T));
+  const int64_t head = mis == 0 ? 0 : (kN - mis < vocab ? kN - mis : vocab);
+  const int64_t n_packs = (vocab - head) / kN;
+  return {head, n_packs, head + n_packs * kN};
+}
+
+// This thread's state over its elements of row[0:vocab]: head and tail element
+// threadIdx.x (if any), then its packs of the body, kUnroll loads in flight.
+template <typename T, int kUnroll>
 __device__ SoftmaxState<acc_of<T>> thread_row_state(const T* __restrict__ row, int64_t vocab, acc_of<T> inv_tau) {
+  constexpr int kN = Pack<T>::kN;
   SoftmaxState<acc_of<T>> st = SoftmaxState<acc_of<T>>::empty();
-  if (kVec) {
-    constexpr int kN = Pack<T>::kN;
-    const Pack<T>* __restrict__ packs = reinterpret_cast<const Pack<T>*>(row);
-    const int64_t n_packs = vocab / kN;
-    for (int64_t i = threadIdx.x; i < n_packs; i += int64_t(kUnroll) * blockDim.x) {
-      Pack<T> p[kUnroll];
+  const RowSplit sp = split_row(row, vocab);
+  if (threadIdx.x < sp.head) absorb<1>(st, row + threadIdx.x, inv_tau);
+  if (threadIdx.x < vocab - sp.body_end) absorb<1>(st, row + sp.body_end + threadIdx.x, inv_tau);
+  const Pack<T>* __restrict__ packs = reinterpret_cast<const Pack<T>*>(row + sp.head);
+  for (int64_t i = threadIdx.x; i < sp.n_packs; i += int64_t(kUnroll) * blockDim.x) {
+    Pack<T> p[kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (i + u * blockDim.x < n_packs) p[u] = packs[i + u * blockDim.x];
+    for (int u = 0; u < kUnroll; ++u)
+      if (i + u * blockDim.x < sp.n_packs) p[u] = packs[i + u * blockDim.x];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (i + u * blockDim.x < n_packs) absorb<kN>(st, p[u].v, inv_tau);
-    }
-  } else {
-    for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) absorb<1>(st, row + j, inv_tau);
+    for (int u = 0; u < kUnroll; ++u)
+      if (i + u * blockDim.x < sp.n_packs) absorb<kN>(st, p[u].v, inv_tau);
   }
   return st;
 }
@@ -162,53 +200,81 @@ __device__ __forceinline__ acc_t grad_elem(acc_t z, bool is_label, const RowGrad
 
 // One read and one write of the row; row and grad may be the same memory (no
 // __restrict__, plain loads): each element is read, then written, by one thread.
-template <typename T, bool kVec, bool kHasEntropyGrad>
+// 16-byte loads and stores when row and grad share their alignment modulo 16
+// (always for contiguous or in-place gradients); else one element at a time
+// (an out-of-place gradient of a strided view with odd V: correct, slower).
+template <typename T, int kUnroll, bool kHasEntropyGrad>
 __device__ void row_grad(const T* row, T* grad, int64_t vocab, const RowGrad<acc_of<T>>& c) {
-  if (kVec) {
-    constexpr int kN = Pack<T>::kN;
-    const Pack<T>* src = reinterpret_cast<const Pack<T>*>(row);
-    Pack<T>* dst = reinterpret_cast<Pack<T>*>(grad);
-    const int64_t n_packs = vocab / kN;
-    for (int64_t i = threadIdx.x; i < n_packs; i += int64_t(kUnroll) * blockDim.x) {
-      Pack<T> p[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (i + u * blockDim.x < n_packs) p[u] = src[i + u * blockDim.x];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t idx = i + u * blockDim.x;
-        if (idx < n_packs) {
-          const int64_t label_k = c.label - idx * kN;  // the label's slot in this pack, if any
-#pragma unroll
-          for (int k = 0; k < kN; ++k)
-            p[u].v[k] = from_acc<T>(grad_elem<kHasEntropyGrad>(to_acc(p[u].v[k]), label_k == k, c));
-          dst[idx] = p[u];
-        }
-      }
-    }
-  } else {
+  constexpr int kN = Pack<T>::kN;
+  if (reinterpret_cast<uintptr_t>(row) % 16 != reinterpret_cast<uintptr_t>(grad) % 16) {
     for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x)
       grad[j] = from_acc<T>(grad_elem<kHasEntropyGrad>(to_acc(row[j]), j == c.label, c));
+    return;
+  }
+  const RowSplit sp = split_row(row, vocab);
+  if (threadIdx.x < sp.head) {
+    const int64_t j = threadIdx.x;
+    grad[j] = from_acc<T>(grad_elem<kHasEntropyGrad>(to_acc(row[j]), j == c.label, c));
+  }
+  if (threadIdx.x < vocab - sp.body_end) {
+    const int64_t j = sp.body_end + threadIdx.x;
+    grad[j] = from_acc<T>(grad_elem<kHasEntropyGrad>(to_acc(row[j]), j == c.label, c));
+  }
+  const Pack<T>* src = reinterpret_cast<const Pack<T>*>(row + sp.head);
+  Pack<T>* dst = reinterpret_cast<Pack<T>*>(grad + sp.head);
+  const int64_t label = c.label - sp.head;  // in body coordinates
+  for (int64_t i = threadIdx.x; i < sp.n_packs; i += int64_t(kUnroll) * blockDim.x) {
+    Pack<T> p[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (i + u * blockDim.x < sp.n_packs) p[u] = src[i + u * blockDim.x];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t idx = i + u * blockDim.x;
+      if (idx < sp.n_packs) {
+        const int64_t label_k = label - idx * kN;  // the label's slot in this pack, if any
+#pragma unroll
+        for (int k = 0; k < kN; ++k)
+          p[u].v[k] = from_acc<T>(grad_elem<kHasEntropyGrad>(to_acc(p[u].v[k]), label_k == k, c));
+        dst[idx] = p[u];
+      }
+    }
   }
 }
 
 template <typename T>
-__device__ __forceinline__ void zero_row(T* grad, int64_t vocab) {
-  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) grad[j] = from_acc<T>(acc_of<T>(0));
+__device__ __forceinline__ void fill_row(T* grad, int64_t vocab, acc_of<T> value) {
+  const T v = from_acc<T>(value);
+  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) grad[j] = v;
 }
 
+// Ignored rows: an exactly zero gradient.
+template <typename T>
+__device__ __forceinline__ void zero_row(T* grad, int64_t vocab) { fill_row(grad, vocab, acc_of<T>(0)); }
+
+// Rows whose label is outside [0, V) (never read): a NaN gradient.
+template <typename T>
+__device__ __forceinline__ void nan_row(T* grad, int64_t vocab) { fill_row(grad, vocab, acc_of<T>(NAN)); }
+
 // ------------------------------------------------------------------- host side
-// Threads per row: about 16 packs per thread, 64..1024, from V and the dtype only.
+// Threads per row: about 16 packs per thread, 64..512, from V and the dtype only.
+// At most 512 so that two blocks fit on an SM (kernels declare
+// __launch_bounds__(kMaxThreads, 2), i.e. <= 64 registers): one block's row start
+// and reduction tail overlap the other's streaming (issue 8, defect 9).
+constexpr int kMaxThreads = 512;
+constexpr int kMinBlocks = 2;
+
 inline int threads_for(int64_t vocab, int elem_size) {
   const int64_t packs = (vocab * elem_size + 15) / 16;
   int threads = 64;
-  while (threads < 1024 && threads * 16 < packs) threads *= 2;
+  while (threads < kMaxThreads && threads * 16 < packs) threads *= 2;
   return threads;
 }
 
-inline bool aligned16(const void* ptr, int64_t row_stride, int64_t vocab, int elem_size) {
-  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (row_stride * elem_size) % 16 == 0 &&
-         (vocab * elem_size) % 16 == 0;
+// Every torch tensor is element-aligned; the kernels' head/body/tail split relies on it.
+inline void check_element_aligned(const void* ptr, int64_t elem_size, const char* what) {
+  if (reinterpret_cast<uintptr_t>(ptr) % uintptr_t(elem_size) != 0)
+    throw std::invalid_argument(std::string("fastpo ") + what + ": tensor not aligned to its element size");
 }
 
 inline void check_launch(const char* what) {

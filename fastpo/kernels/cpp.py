@@ -10,6 +10,16 @@ imported lazily, so importing fastpo never needs a compiled module or a GPU.
 Outputs (log-probs, entropies, lse, sequence sums) are float32, float64 for
 float64 logits; gradients are written in the logits' dtype into ``grad_out``,
 which may be the logits tensor itself (in-place backward).
+
+Row layout (token and policy launchers): logits are [N, V] or [R, C, V] with any
+strides on the leading dims and a contiguous last dim; the N = R*C rows are taken
+in row-major order (row i*C + j at i*stride(0) + j*stride(1)), so the causal-LM
+shift ``logits[:, :-1]`` is read where it lies, never copied. Labels and per-row
+vectors are flat [N]; ``grad_out`` has the logits' shape with its own strides.
+
+No launcher synchronises with the device: they read only Python scalars, shapes,
+strides and addresses (labels out of range are checked by the caller; a kernel
+given one anyway never reads it and writes NaN for that row).
 """
 from __future__ import annotations
 
@@ -77,6 +87,23 @@ def _vec(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype).contiguous()
 
 
+def _rows(t: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(N, V, C, stride0, stride1) of [N, V] (C = 1) or [R, C, V] logits / gradients."""
+    if t.dim() == 2:
+        return t.shape[0], t.shape[1], 1, t.stride(0), 0
+    if t.dim() == 3:
+        r, c, v = t.shape
+        return r * c, v, max(c, 1), t.stride(0), t.stride(1)
+    raise ValueError(f"fastpo: logits must be [N, V] or [R, C, V], got shape {tuple(t.shape)}")
+
+
+def _check_grad(grad: torch.Tensor, logits: torch.Tensor, name: str) -> None:
+    if grad.dtype != logits.dtype or grad.shape != logits.shape or grad.stride(-1) != 1:
+        raise ValueError(
+            f"fastpo: {name} must have the logits' shape {tuple(logits.shape)} and dtype with a contiguous last dim"
+        )
+
+
 _HUGE_PAGE = 1 << 21
 _MADV_HUGEPAGE = 14
 
@@ -97,22 +124,44 @@ def _libc():
         return None
 
 
-def _advise_huge_pages(grad: torch.Tensor, logits: torch.Tensor) -> None:
-    """Ask Linux for transparent huge pages on a fresh CPU gradient buffer.
+def _free_huge_blocks_bytes() -> int:
+    """Bytes of free memory in blocks of >= 2 MiB (order >= 9 in /proc/buddyinfo), or 0."""
+    try:
+        with open("/proc/buddyinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return 0
+    total = 0
+    for line in lines:
+        counts = line.split()[4:]  # "Node 0, zone Normal c0 c1 ... c10"
+        total += sum(int(c) << (12 + k) for k, c in enumerate(counts) if k >= 9)
+    return total
 
-    Writing a new N x V buffer costs one page fault per 4 KiB page (about half the
-    backward's time for a 125 MiB bf16 gradient on the 2-core dev machine); with
-    MADV_HUGEPAGE (THP in "madvise" mode) it is one per 2 MiB. Advisory only:
-    skipped for in-place gradients, small buffers and non-Linux systems.
+
+def _advise_huge_pages(grad: torch.Tensor, logits: torch.Tensor) -> None:
+    """Ask Linux for transparent huge pages on a fresh CPU gradient buffer, when that is free.
+
+    Writing a new N x V buffer costs one page fault per 4 KiB page (fp32 2048 x 32000 on the
+    2-core dev machine: fwd+bwd 111 ms with 4 KiB pages, 69 ms with 2 MiB ones); with
+    MADV_HUGEPAGE it is one per 2 MiB. But with THP ``defrag`` in ``madvise`` mode (the
+    default) a fault in an advised range that finds no free 2 MiB block compacts memory
+    synchronously, in the faulting thread: on a fragmented machine that stalls the backward
+    for hundreds of ms, intermittently (issue 8, defect 12). So the advice is given only while
+    the free 2 MiB blocks cover twice the buffer (read from /proc/buddyinfo, ~20 us): the
+    faults then take free huge pages and never compact. Skipped for in-place gradients,
+    small buffers and non-Linux systems. The advised range is the span the (possibly
+    strided) gradient covers, rounded inwards to 2 MiB.
     """
-    nbytes = grad.numel() * grad.element_size()
-    if grad.device.type != "cpu" or grad.data_ptr() == logits.data_ptr() or nbytes < 16 * _HUGE_PAGE:
+    if grad.device.type != "cpu" or grad.data_ptr() == logits.data_ptr() or grad.numel() == 0:
+        return
+    span = (1 + sum((n - 1) * st for n, st in zip(grad.shape, grad.stride()))) * grad.element_size()
+    if span < 16 * _HUGE_PAGE:
         return
     libc = _libc()
-    if libc is None:
+    if libc is None or _free_huge_blocks_bytes() < 2 * span:
         return
     start = (grad.data_ptr() + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
-    end = (grad.data_ptr() + nbytes) & ~(_HUGE_PAGE - 1)
+    end = (grad.data_ptr() + span) & ~(_HUGE_PAGE - 1)
     if end > start:
         libc.madvise(start, end - start, _MADV_HUGEPAGE)
 
@@ -122,13 +171,13 @@ def _device_guard(t: torch.Tensor):
 
 
 def token_logprobs_fwd(
-    logits: torch.Tensor,  # [N, V], stride(1) == 1, any row stride
-    labels: torch.Tensor,  # [N] int64, contiguous
+    logits: torch.Tensor,  # [N, V] or [R, C, V], stride(-1) == 1, any other strides
+    labels: torch.Tensor,  # [N] int64
     temperature: float,
     ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward: ``(logp, entropy, lse)``, each [N] fp32 (fp64 for fp64 logits)."""
-    n, v = logits.shape
+    n, v, c, s0, s1 = _rows(logits)
     code = _dtype_code(logits)
     labels = _vec(labels, torch.int64)
     logp = torch.empty(n, dtype=acc_dtype(logits.dtype), device=logits.device)
@@ -139,13 +188,13 @@ def token_logprobs_fwd(
         mod, last = _module(logits.device)
         mod.token_logprobs_fwd(
             logits.data_ptr(), labels.data_ptr(), logp.data_ptr(), entropy.data_ptr(), lse.data_ptr(),
-            n, v, logits.stride(0), code, float(temperature), int(ignore_index), last,
+            n, v, c, s0, s1, code, float(temperature), int(ignore_index), last,
         )
     return logp, entropy, lse
 
 
 def token_logprobs_bwd(
-    logits: torch.Tensor,  # [N, V]
+    logits: torch.Tensor,  # [N, V] or [R, C, V]
     labels: torch.Tensor,  # [N] int64
     lse: torch.Tensor,  # [N] from the forward
     entropy: torch.Tensor,  # [N] from the forward
@@ -153,13 +202,13 @@ def token_logprobs_bwd(
     grad_entropy: torch.Tensor | None,  # [N] or None
     temperature: float,
     ignore_index: int,
-    grad_out: torch.Tensor,  # [N, V] logits dtype; may be `logits` itself
+    grad_out: torch.Tensor,  # logits' shape and dtype, own strides; may be `logits` itself
 ) -> torch.Tensor:
     """Backward: writes dL/dlogits into ``grad_out`` (returned); ignored rows get exact zeros."""
-    n, v = logits.shape
+    n, v, c, s0, s1 = _rows(logits)
     code = _dtype_code(logits)
-    if grad_out.dtype != logits.dtype or tuple(grad_out.shape) != (n, v) or grad_out.stride(-1) != 1:
-        raise ValueError("fastpo: grad_out must be [N, V] in the logits' dtype with a contiguous last dim")
+    _check_grad(grad_out, logits, "grad_out")
+    _, _, _, g0, g1 = _rows(grad_out)
     if n == 0:
         return grad_out
     acc = acc_dtype(logits.dtype)
@@ -172,7 +221,7 @@ def token_logprobs_bwd(
         mod.token_logprobs_bwd(
             logits.data_ptr(), labels.data_ptr(), lse.data_ptr(), entropy.data_ptr(), grad_logp.data_ptr(),
             0 if grad_entropy is None else grad_entropy.data_ptr(), grad_out.data_ptr(),
-            n, v, logits.stride(0), grad_out.stride(0), code, float(temperature), int(ignore_index), last,
+            n, v, c, s0, s1, g0, g1, code, float(temperature), int(ignore_index), last,
         )
     return grad_out
 
@@ -222,11 +271,13 @@ def sequence_logprobs_bwd(
         return grad_in
     acc = acc_dtype(logits.dtype)
     labels, lse, grad_out = _vec(labels, torch.int64), _vec(lse, acc), _vec(grad_out, acc)
+    scale = torch.empty(b, dtype=acc, device=logits.device)  # per-sequence weight, counted once (CUDA)
     _advise_huge_pages(grad_in, logits)
     with _device_guard(logits):
         mod, last = _module(logits.device)
         mod.sequence_logprobs_bwd(
-            logits.data_ptr(), labels.data_ptr(), lse.data_ptr(), grad_out.data_ptr(), grad_in.data_ptr(),
+            logits.data_ptr(), labels.data_ptr(), lse.data_ptr(), grad_out.data_ptr(), scale.data_ptr(),
+            grad_in.data_ptr(),
             b, t, v, logits.stride(0), logits.stride(1), grad_in.stride(0), grad_in.stride(1), code,
             float(temperature), int(ignore_index), int(bool(average)), last,
         )
@@ -234,28 +285,28 @@ def sequence_logprobs_bwd(
 
 
 def policy_loss_fwd(
-    logits: torch.Tensor,  # [N, V], stride(1) == 1, any row stride
+    logits: torch.Tensor,  # [N, V] or [R, C, V], stride(-1) == 1, any other strides
     labels: torch.Tensor,  # [N] int64, masked tokens = ignore_index
     old_logprobs: torch.Tensor,  # [N]
     advantages: torch.Tensor,  # [N] per token
     ref_logprobs: torch.Tensor | None,  # [N] or None: no KL term
     weight: torch.Tensor,  # [N] d loss / d per_token_loss
     args,  # fastpo.kernels.policy_args.PolicyKernelArgs (read by field name)
-    grad_out: torch.Tensor | None,  # [N, V] logits dtype (may be `logits`), or None: no gradient
+    grad_out: torch.Tensor | None,  # logits' shape and dtype, own strides (may be `logits`), or None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused policy loss (csrc/policy_math.h): ``(per_token_loss, logp, entropy)``, [N] each,
     fp32 (fp64 for fp64 logits); with ``grad_out``, dL/dlogits of ``sum(weight * loss)`` is written
     there during this call. Same signature as the Triton launcher
     (``fastpo.kernels.policy_loss.policy_loss_fwd``)."""
-    n, v = logits.shape
+    n, v, c, s0, s1 = _rows(logits)
     code = _dtype_code(logits)
     acc = acc_dtype(logits.dtype)
     loss = torch.empty(n, dtype=acc, device=logits.device)
     logp, entropy = torch.empty_like(loss), torch.empty_like(loss)
-    if grad_out is not None and (
-        grad_out.dtype != logits.dtype or tuple(grad_out.shape) != (n, v) or grad_out.stride(-1) != 1
-    ):
-        raise ValueError("fastpo: grad_out must be [N, V] in the logits' dtype with a contiguous last dim")
+    g0 = g1 = 0
+    if grad_out is not None:
+        _check_grad(grad_out, logits, "grad_out")
+        _, _, _, g0, g1 = _rows(grad_out)
     if n == 0:
         return loss, logp, entropy
     labels = _vec(labels, torch.int64)
@@ -269,7 +320,7 @@ def policy_loss_fwd(
             logits.data_ptr(), labels.data_ptr(), old.data_ptr(), adv.data_ptr(),
             0 if ref is None else ref.data_ptr(), w.data_ptr(), loss.data_ptr(), logp.data_ptr(),
             entropy.data_ptr(), 0 if grad_out is None else grad_out.data_ptr(),
-            n, v, logits.stride(0), 0 if grad_out is None else grad_out.stride(0), code,
+            n, v, c, s0, s1, g0, g1, code,
             int(args.variant), float(args.clip_low), float(args.clip_high), float(args.ratio_cap),
             float(args.dual_clip), float(args.logratio_clamp), int(args.kl_kind), bool(args.kl_straight),
             float(args.kl_clamp), float(args.kl_coef), float(args.entropy_coef), float(args.temperature),
