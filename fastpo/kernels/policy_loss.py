@@ -1,7 +1,7 @@
 """Triton kernel of the fused PPO-family policy loss (variants "ppo" and "cispo").
 
-One program per token row. Pass 1 (``row_softmax_stats``) gives the logsumexp and
-entropy; the label's logit gives logp. Then, per token, the ratio, the clipped
+One program per token row. The label's logit is read first; pass 1
+(``row_softmax_stats``) gives the logsumexp and entropy, hence logp. Then, per token, the ratio, the clipped
 surrogate (asymmetric clip, TRL's ratio cap, dual clip), the KL penalty and the
 entropy bonus — values and their derivatives d L / d logp. Because the
 aggregation weight ``w`` of every token is known before the kernel runs, pass 2
@@ -11,6 +11,12 @@ logits themselves; the backward only scales by the upstream scalar.
 Derivatives follow PyTorch's autograd of the reference exactly, including its
 conventions at ties (``maximum``/``minimum`` split the gradient evenly) and at
 clamp boundaries (inclusive), so the fused gradient equals the composed one.
+
+In place (``grad_out`` is the logits): pass 2 overwrites the row, so everything the kernel
+needs from the row is read before it: the label's logit before pass 1, whose reductions end
+with the block's last barrier before the first gradient store (``fastpo aot`` checks that no
+load of the logits but pass 2's own read-then-write sits after that barrier). Rows, strides,
+temperature, alignment and batch invariance: as ``fastpo.kernels.token_logprobs``.
 """
 from __future__ import annotations
 
@@ -19,9 +25,9 @@ import triton
 import triton.language as tl
 
 from ..reference._dtypes import acc_dtype
-from ._online import row_softmax_stats, store_softmax_grad, store_zero_row, to_acc
+from ._online import LN2, acc_scalar, row_offset, row_softmax_stats, store_const_row, store_softmax_grad
 from .policy_args import INF, KL_KINDS, VARIANT_CODES, PolicyKernelArgs
-from .token_logprobs import _num_warps, pick_block_v
+from .token_logprobs import LAUNCH_OPTIONS, _num_warps, as_rows3, flat, pick_block_v, temperature_scales
 
 __all__ = ["PolicyKernelArgs", "policy_loss_fwd", "KL_KINDS", "VARIANT_CODES"]
 
@@ -87,8 +93,8 @@ def _kl_term(d, kl_clamp, KL_KIND: tl.constexpr, KL_STRAIGHT: tl.constexpr):
 @triton.jit
 def _policy_loss_fwd_kernel(
     # pointers
-    logits_ptr,  # [N, V] fp32/bf16/fp16/fp64, unit stride along V
-    labels_ptr,  # [N] int64; masked tokens carry ignore_index
+    logits_ptr,  # [R, C, V] fp32/bf16/fp16/fp64, unit stride along V
+    labels_ptr,  # [N] int64 (N = R*C); masked tokens carry ignore_index
     old_ptr,  # [N] fp32 old log-probs
     adv_ptr,  # [N] fp32 advantages (per token)
     ref_ptr,  # [N] fp32 reference log-probs (read only when KL_KIND > 0)
@@ -96,14 +102,20 @@ def _policy_loss_fwd_kernel(
     loss_ptr,  # [N] out: per-token loss
     logp_ptr,  # [N] out: log-prob of the label
     entropy_ptr,  # [N] out: entropy
-    grad_ptr,  # [N, V] out (WRITE_GRAD): dL/dlogits in logits dtype; may alias logits_ptr
-    # sizes and strides
+    grad_ptr,  # [R, C, V] out (WRITE_GRAD): dL/dlogits in logits dtype; may alias logits_ptr
+    # sizes and strides (elements)
     V,
-    stride_row,
-    stride_grad_row,
+    C,
+    stride_r,
+    stride_c,
+    stride_grad_r,
+    stride_grad_c,
     # runtime hyper-parameters
     clip_low, clip_high, ratio_cap, dual_clip, logratio_clamp,
-    kl_clamp, kl_coef, entropy_coef, temperature, ignore_index,
+    kl_clamp, kl_coef, entropy_coef,
+    inv_t: tl.float64,  # 1 / temperature, from the host
+    k: tl.float64,  # log2(e) / temperature
+    ignore_index,
     # structural
     BLOCK_V: tl.constexpr,
     VARIANT: tl.constexpr,
@@ -113,21 +125,32 @@ def _policy_loss_fwd_kernel(
     HAS_ENTROPY_TERM: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
 ):
+    ACC: tl.constexpr = tl.float64 if logits_ptr.dtype.element_ty == tl.float64 else tl.float32
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
-    grad_row_ptr = grad_ptr + row * stride_grad_row
+    grad_row_ptr = grad_ptr + row_offset(row, C, stride_grad_r, stride_grad_c)
     if label == ignore_index:
         tl.store(loss_ptr + row, 0.0)
         tl.store(logp_ptr + row, 0.0)
         tl.store(entropy_ptr + row, 0.0)
         if WRITE_GRAD:
-            store_zero_row(grad_row_ptr, V, BLOCK_V)
+            store_const_row(grad_row_ptr, V, 0.0, BLOCK_V)
         return
-    row_ptr = logits_ptr + row * stride_row
-    inv_t = 1.0 / temperature
-    lse, entropy = row_softmax_stats(row_ptr, V, inv_t, BLOCK_V)
     in_vocab = (label >= 0) & (label < V)
-    logp = to_acc(tl.load(row_ptr + label, mask=in_vocab, other=0.0)) * inv_t - lse
+    if (label < 0) | (label >= V):
+        tl.store(loss_ptr + row, float("nan"))
+        tl.store(logp_ptr + row, float("nan"))
+        tl.store(entropy_ptr + row, float("nan"))
+        if WRITE_GRAD:
+            store_const_row(grad_row_ptr, V, float("nan"), BLOCK_V)
+        return
+    row_ptr = logits_ptr + row_offset(row, C, stride_r, stride_c)
+    kk = acc_scalar(k, ACC)
+    # Read the label's logit BEFORE pass 1: pass 2 may overwrite the row in place, and only
+    # pass 1's reductions (barriers) order this read before another warp's first store.
+    x_label = tl.load(row_ptr + label, mask=in_vocab, other=float("nan")).to(ACC)
+    lse2, entropy = row_softmax_stats(row_ptr, V, kk, BLOCK_V)
+    logp = tl.fma(x_label, kk, -lse2) * LN2
 
     loss, d_loss = _surrogate(
         logp, tl.load(old_ptr + row), tl.load(adv_ptr + row),
@@ -145,43 +168,49 @@ def _policy_loss_fwd_kernel(
     if WRITE_GRAD:
         w = tl.load(weight_ptr + row)
         store_softmax_grad(
-            row_ptr, grad_row_ptr, label, lse, entropy, w * d_loss, -w * entropy_coef, inv_t, V,
-            BLOCK_V, HAS_ENTROPY_TERM,
+            row_ptr, grad_row_ptr, label, kk, lse2, entropy, w * d_loss, -w * entropy_coef,
+            acc_scalar(inv_t, ACC), V, BLOCK_V, HAS_ENTROPY_TERM,
         )
 
 
 def policy_loss_fwd(
-    logits: torch.Tensor,  # [N, V], stride(1) == 1
+    logits: torch.Tensor,  # [N, V] or [R, C, V], stride(-1) == 1, any leading strides
     labels: torch.Tensor,  # [N] int64, masked tokens = ignore_index
     old_logprobs: torch.Tensor,  # [N] fp32/fp64
     advantages: torch.Tensor,  # [N]
     ref_logprobs: torch.Tensor | None,  # [N] or None
     weight: torch.Tensor,  # [N]
     args: PolicyKernelArgs,
-    grad_out: torch.Tensor | None,  # [N, V] logits dtype (may be `logits`), or None: no gradient
+    grad_out: torch.Tensor | None,  # shape of logits, logits dtype (may be `logits`), or None
     *,
     block_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the fused kernel; returns ``(per_token_loss, logp, entropy)`` ([N] each)."""
-    n, v = logits.shape
+    n, c, s_r, s_c = as_rows3(logits)
+    v = logits.shape[-1]
     acc = acc_dtype(logits.dtype)
     loss = torch.empty(n, dtype=acc, device=logits.device)
     logp, entropy = torch.empty_like(loss), torch.empty_like(loss)
     if n == 0:
         return loss, logp, entropy
-    block = block_v or pick_block_v(v)
+    block = block_v or pick_block_v(v, logits.dtype)
     write_grad = grad_out is not None
     grad = grad_out if write_grad else logits  # never written when WRITE_GRAD is False
+    if grad.shape != logits.shape:
+        raise ValueError("grad_out must have the shape of logits")
+    _, _, g_r, g_c = as_rows3(grad)
+    old = flat(old_logprobs)
+    inv_t, k = temperature_scales(args.temperature)
     _policy_loss_fwd_kernel[(n,)](
-        logits, labels, old_logprobs, advantages,
-        ref_logprobs if ref_logprobs is not None else old_logprobs, weight,
+        logits, flat(labels), old, flat(advantages),
+        flat(ref_logprobs) if ref_logprobs is not None else old, flat(weight),
         loss, logp, entropy, grad,
-        v, logits.stride(0), grad.stride(0),
+        v, c, s_r, s_c, g_r, g_c,
         args.clip_low, args.clip_high, args.ratio_cap, args.dual_clip, args.logratio_clamp,
-        args.kl_clamp, args.kl_coef, args.entropy_coef, args.temperature, args.ignore_index,
+        args.kl_clamp, args.kl_coef, args.entropy_coef, inv_t, k, args.ignore_index,
         BLOCK_V=block, VARIANT=args.variant, HAS_DUAL=args.dual_clip != INF,
         KL_KIND=args.kl_kind, KL_STRAIGHT=args.kl_straight,
         HAS_ENTROPY_TERM=args.entropy_coef != 0.0, WRITE_GRAD=write_grad,
-        num_warps=_num_warps(block),
+        num_warps=_num_warps(block), **LAUNCH_OPTIONS,
     )
     return loss, logp, entropy
