@@ -8,8 +8,13 @@ import torch
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def check_logits_labels(logits, labels, ignore_index: int, *, check_range: bool = True) -> int:
-    """Validate ``logits [..., V]`` against ``labels [...]``; returns V."""
+def check_logits_labels(logits, labels, ignore_index: int) -> int:
+    """Validate ``logits [..., V]`` against ``labels [...]`` (types, shapes, devices); returns V.
+
+    The label *range* is checked by :func:`check_label_range` inside each custom op's
+    implementation, which runs eagerly even under ``torch.compile`` (a check here would be
+    traced away) and right before any kernel reads memory.
+    """
     if not isinstance(logits, torch.Tensor) or not isinstance(labels, torch.Tensor):
         raise TypeError("logits and labels must be torch.Tensor")
     if logits.dtype not in LOGIT_DTYPES:
@@ -28,14 +33,27 @@ def check_logits_labels(logits, labels, ignore_index: int, *, check_range: bool 
     vocab = logits.shape[-1]
     if vocab < 1:
         raise ValueError("vocabulary dimension V must be at least 1")
-    if check_range and labels.numel() > 0 and not _is_compiling():
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    return vocab
+
+
+def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Labels must lie in ``[0, V)`` or equal ``ignore_index``; called inside the custom ops.
+
+    CPU tensors: a ``ValueError`` naming the first bad label (reading a CPU tensor is free).
+    CUDA tensors: ``torch._assert_async``, a device-side assertion that never synchronises
+    the host (the step stays CUDA-graph capturable); the kernels additionally mask the
+    label's read, so a bad label can never read out of bounds, and write NaN for its row.
+    """
+    if labels.numel() == 0:
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    message = f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}"
+    if labels.device.type == "cpu":
         if bool(bad.any()):
             first = labels[bad].flatten()[0].item()
-            raise ValueError(
-                f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {first}"
-            )
-    return vocab
+            raise ValueError(f"{message}; found {first}")
+    else:
+        torch._assert_async(~bad.any(), message)
 
 
 def check_temperature(temperature) -> float:
@@ -45,18 +63,29 @@ def check_temperature(temperature) -> float:
     return t
 
 
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and compiler.is_compiling())
-
-
 def as_rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flatten to logits [N, V] (unit stride along V) and labels [N] int64 contiguous."""
+    """The logits as the kernels read them, without a copy, and labels [N] int64 contiguous.
+
+    Kernels take ``[N, V]`` or ``[R, C, V]`` (any strides on the first two dims, unit stride
+    along V; row ``r = i * C + j``). ``[..., V]`` is returned as a ``[N, V]`` view when its
+    strides allow, else as ``[R, C, V]`` with the last leading dim as C (the causal-LM shift
+    ``logits[:, :-1]`` is such a view); only a layout neither covers (or a non-unit stride
+    along V) is copied.
+    """
     vocab = logits.shape[-1]
-    rows = logits.reshape(-1, vocab)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    return rows, labels.reshape(-1).to(torch.int64).contiguous()
+    n = logits.numel() // vocab if vocab else 0
+    flat = labels.reshape(-1).to(torch.int64).contiguous()
+    if logits.stride(-1) == 1 or vocab == 1:
+        try:
+            return logits.view(n, vocab), flat
+        except RuntimeError:
+            pass
+        if logits.dim() >= 3:
+            try:
+                return logits.view(-1, logits.shape[-2], vocab), flat
+            except RuntimeError:
+                pass
+    return logits.reshape(n, vocab).contiguous(), flat
 
 
 def check_sequence_logits(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> int:

@@ -1,6 +1,9 @@
 """Timing and peak-memory measurement shared by `fastpo bench` and bench/.
 
-Time: median over repetitions (CUDA events on GPU, perf_counter on CPU).
+Time: median and p90 over at least 10 repetitions (CUDA events on GPU, perf_counter
+on CPU); ``time_stats`` also counts the kernel's synchronous memory-compaction stalls
+(/proc/vmstat ``compact_stall``) during the runs: a CPU p90 far above the median with a
+non-zero count is transparent-huge-page compaction (issue 8, defect 12).
 Peak extra memory: the peak of bytes held by torch's allocator during one call,
 above what it held before (inputs are not counted; outputs and gradients are).
 On CUDA from the caching allocator's statistics; on CPU from the allocation and
@@ -17,6 +20,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -65,11 +69,41 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return _cpu_peak_bytes(fn)
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, reps: int = 5) -> float:
-    """Median wall time of ``fn`` in milliseconds."""
+MIN_REPS = 10
+
+
+@dataclass(frozen=True)
+class TimeStats:
+    median_ms: float
+    p90_ms: float
+    min_ms: float
+    runs: int
+    compact_stalls: int | None  # /proc/vmstat compact_stall delta over the runs (None: not Linux)
+
+
+def _compact_stalls() -> int | None:
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                if line.startswith("compact_stall "):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _p90(sorted_times: list[float]) -> float:
+    """Nearest-rank 90th percentile."""
+    return sorted_times[min(len(sorted_times) - 1, max(0, -(-9 * len(sorted_times) // 10) - 1))]
+
+
+def time_stats(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, reps: int = MIN_REPS) -> TimeStats:
+    """Wall time of ``fn`` over ``max(reps, 10)`` runs after ``warmup``: median, p90, min (ms)."""
+    reps = max(int(reps), MIN_REPS)
     for _ in range(warmup):
         fn()
     times = []
+    stalls0 = _compact_stalls()
     if device.type == "cuda":
         for _ in range(reps):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -84,4 +118,14 @@ def median_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 1
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    stalls1 = _compact_stalls()
+    times.sort()
+    return TimeStats(
+        median_ms=statistics.median(times), p90_ms=_p90(times), min_ms=times[0], runs=reps,
+        compact_stalls=None if stalls0 is None or stalls1 is None else stalls1 - stalls0,
+    )
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, reps: int = MIN_REPS) -> float:
+    """Median wall time of ``fn`` in milliseconds (over at least 10 runs; see ``time_stats``)."""
+    return time_stats(fn, device, warmup=warmup, reps=reps).median_ms

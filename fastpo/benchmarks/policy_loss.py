@@ -7,12 +7,17 @@ token-mean):
   trl-selective    TRL's ``selective_log_softmax`` + the same elementwise loss (if trl is installed)
   fastpo-composed  ``fastpo.token_logprobs`` + ``fastpo.policy_loss_from_logprobs`` ("auto" backend)
   fastpo[b]        ``fastpo.policy_loss`` on each backend b, and with ``inplace_backward=True``
+  fastpo[b] is+klxr  the same with rollout IS weights (``policy_weights``) and TRL 1.16's default
+                   KL x ratio (``kl_importance_weighted``), next to the plain one: the issue's
+                   target is <= 1.1x its time (these features take the composed path until the
+                   kernels have them)
 Byte model (floor): read the logits once and write the gradient once, 2 * N * V * itemsize;
 the fused kernels move 3 * N * V * itemsize (two reads, one write). The runner measures peak
 extra memory: everything allocated during the step, including the returned gradient.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 from typing import Iterator
@@ -28,6 +33,7 @@ from . import Case, floor_bytes
 OP = "policy_loss"
 BACKEND_OP = "token_logprobs"  # policy_loss runs on every backend that runs token_logprobs
 CONFIG = PolicyLossConfig(clip_low=0.2, clip_high=0.28, kl_coef=0.04, kl_estimator="k3")
+CONFIG_IS = dataclasses.replace(CONFIG, kl_importance_weighted=True)
 
 
 def default_shapes(device: torch.device) -> list[tuple[int, int, int, torch.dtype]]:
@@ -88,6 +94,15 @@ def _fused(backend: str, inplace: bool = False):
     return loss
 
 
+def _fused_is(backend: str):
+    def loss(logits, labels, old, adv, ref, mask):
+        weights = torch.ones_like(old).mul_(0.9)  # stand-in truncated IS weights
+        return fastpo.policy_loss(logits, labels, old, adv, mask=mask, ref_logprobs=ref, config=CONFIG_IS,
+                                  policy_weights=weights, backend=backend).loss
+
+    return loss
+
+
 def _step(fn, logits, labels, old, adv, ref, mask):
     def step():
         loss = fn(logits, labels, old, adv, ref, mask)
@@ -137,6 +152,8 @@ def cases(device: torch.device, shapes=None) -> Iterator[Case]:
                 )
                 continue
             yield Case(impl=f"fastpo[{backend}]", step=_step(_fused(backend), logits, *args), **common)
+            yield Case(impl=f"fastpo[{backend}] is+klxr", step=_step(_fused_is(backend), logits, *args),
+                       note="IS weights + KL x ratio (policy-parity features)", **common)
             # in place: the gradient overwrites a scratch copy of the logits each call
             scratch = logits.detach().clone().requires_grad_()
             yield Case(impl=f"fastpo[{backend}] inplace", step=_step(_fused(backend, True), scratch, *args), **common)

@@ -20,12 +20,18 @@ backward only scales it by the upstream scalar (skipped when that is exactly 1).
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Optional
+
 import torch
 
+from .._validation import check_label_range
 from ..kernels.policy_args import PolicyKernelArgs
 from ..reference._dtypes import acc_dtype
 from ..reference.policy_loss import aggregate_ref, policy_loss_ref
 from . import registry
+from .grad_scale import GradBuffer
+from .token_logprobs import token_logprobs_bwd_inplace_op, token_logprobs_bwd_op, token_logprobs_fwd_op
 
 OP = "policy_loss"
 
@@ -33,54 +39,124 @@ registry.register(OP, "triton", fwd="fastpo.kernels.policy_loss:policy_loss_fwd"
 registry.register(OP, "cpu", fwd="fastpo.kernels.cpp:policy_loss_fwd")
 registry.register(OP, "cuda", fwd="fastpo.kernels.cpp:policy_loss_fwd")
 
+# PolicyKernelArgs travels through the custom op's schema as two lists, in field order.
+_ARG_FIELDS = dataclasses.fields(PolicyKernelArgs)
+_FLOAT_FIELDS = tuple(f.name for f in _ARG_FIELDS if f.type in ("float", float))
+_INT_FIELDS = tuple(f.name for f in _ARG_FIELDS if f.name not in _FLOAT_FIELDS)
+
+
+def _pack(args: PolicyKernelArgs) -> tuple[list[float], list[int]]:
+    return [float(getattr(args, k)) for k in _FLOAT_FIELDS], [int(getattr(args, k)) for k in _INT_FIELDS]
+
+
+def _unpack(floats: list[float], ints: list[int]) -> PolicyKernelArgs:
+    types = {f.name: f.type for f in _ARG_FIELDS}
+    values = dict(zip(_FLOAT_FIELDS, floats))
+    values.update({k: (bool(v) if types[k] in ("bool", bool) else int(v)) for k, v in zip(_INT_FIELDS, ints)})
+    return PolicyKernelArgs(**values)
+
+
+def _fused_launch(logits, labels, old, adv, ref, weight, floats, ints, backend, grad_out):
+    args = _unpack(floats, ints)
+    check_label_range(labels, logits.shape[-1], args.ignore_index)
+    fwd = registry.launcher(OP, backend, "fwd")
+    return fwd(logits, labels, old, adv, ref, weight, args, grad_out)
+
+
+@torch.library.custom_op("fastpo::policy_loss_fwd", mutates_args=())
+def policy_loss_fwd_op(
+    logits: torch.Tensor, labels: torch.Tensor, old: torch.Tensor, adv: torch.Tensor,
+    ref: Optional[torch.Tensor], weight: torch.Tensor, floats: list[float], ints: list[int],
+    backend: str, write_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused per-token policy loss: ``(per_token_loss [N], logp [N], entropy [N], grad)``;
+    ``grad`` is d sum(weight * loss) / d logits (the logits' shape, contiguous) when
+    ``write_grad``, else an empty tensor."""
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if write_grad else None
+    loss, logp, entropy = _fused_launch(logits, labels, old, adv, ref, weight, floats, ints, backend, grad)
+    return loss, logp, entropy, grad if write_grad else logits.new_empty(0)
+
+
+@policy_loss_fwd_op.register_fake
+def _(logits, labels, old, adv, ref, weight, floats, ints, backend, write_grad):
+    out = logits.new_empty(labels.shape[0], dtype=acc_dtype(logits.dtype))
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if write_grad else logits.new_empty(0)
+    return out, torch.empty_like(out), torch.empty_like(out), grad
+
+
+@torch.library.custom_op("fastpo::policy_loss_fwd_inplace", mutates_args=("logits",))
+def policy_loss_fwd_inplace_op(
+    logits: torch.Tensor, labels: torch.Tensor, old: torch.Tensor, adv: torch.Tensor,
+    ref: Optional[torch.Tensor], weight: torch.Tensor, floats: list[float], ints: list[int], backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As ``policy_loss_fwd`` with the gradient written over ``logits`` (no second N x V buffer)."""
+    loss, logp, entropy = _fused_launch(logits, labels, old, adv, ref, weight, floats, ints, backend, logits)
+    return loss, logp, entropy
+
+
+@policy_loss_fwd_inplace_op.register_fake
+def _(logits, labels, old, adv, ref, weight, floats, ints, backend):
+    out = logits.new_empty(labels.shape[0], dtype=acc_dtype(logits.dtype))
+    return out, torch.empty_like(out), torch.empty_like(out)
+
 
 def aggregation_weight(mask: torch.Tensor, config, num_tokens, num_sequences,
                        acc: torch.dtype = torch.float32) -> torch.Tensor:
     """d loss / d per_token_loss of the aggregation (its only formula: ``aggregate_ref``), in
-    ``acc`` (float64 for float64 logits: a float32 weight would be off by ~1e-8 relative)."""
-    with torch.enable_grad():
-        x = torch.zeros(mask.shape, dtype=acc, device=mask.device, requires_grad=True)
-        total = aggregate_ref(x, mask, config.agg, num_tokens=num_tokens,
-                              num_sequences=num_sequences, agg_scale=config.agg_scale)
-        (weight,) = torch.autograd.grad(total, x)
-    return weight
+    ``acc`` (float64 for float64 logits: a float32 weight would be off by ~1e-8 relative).
+    ``torch.func.grad`` rather than ``torch.autograd.grad``: it traces under torch.compile."""
+
+    def total(x):
+        return aggregate_ref(x, mask, config.agg, num_tokens=num_tokens,
+                             num_sequences=num_sequences, agg_scale=config.agg_scale)
+
+    return torch.func.grad(total)(torch.zeros(mask.shape, dtype=acc, device=mask.device))
 
 
 def _two_phase(logits, labels, old, adv, ref, mask, config, backend, ignore_index,
-               num_tokens, num_sequences, grad_out):
-    """Token forward kernel → reference loss on [B, T] → token backward kernel."""
+               num_tokens, num_sequences, write_grad, inplace):
+    """Token forward op → reference loss on [B, T] → token backward op; returns the gradient."""
     shape = mask.shape
-    fwd = registry.launcher("token_logprobs", backend, "fwd")
-    logp, entropy, lse = fwd(logits, labels, config.temperature, ignore_index)
-    with torch.enable_grad():
-        lp = logp.detach().view(shape).requires_grad_()
-        ent = entropy.detach().view(shape).requires_grad_()
+    logp, entropy, lse = token_logprobs_fwd_op(logits, labels, config.temperature, ignore_index, backend)
+
+    def loss_of(lp, ent):
         loss, per_token, metrics = policy_loss_ref(
             lp, old, adv, mask, ref_logprobs=ref, entropy=ent, config=config,
             num_tokens=num_tokens, num_sequences=num_sequences,
         )
-        if grad_out is not None:
-            g_lp, g_h = torch.autograd.grad(loss, (lp, ent), allow_unused=True)
-    if grad_out is not None:
-        g_lp = torch.zeros_like(logp) if g_lp is None else g_lp.reshape(-1).to(logp.dtype).contiguous()
-        g_h = None if g_h is None else g_h.reshape(-1).to(logp.dtype).contiguous()
-        bwd = registry.launcher("token_logprobs", backend, "bwd")
-        bwd(logits, labels, lse, entropy, g_lp, g_h, config.temperature, ignore_index, grad_out)
-    return loss.detach(), per_token.detach(), metrics
+        return loss, (loss, per_token, metrics)
+
+    lp, ent = logp.view(shape), entropy.view(shape)
+    if not write_grad:
+        _, (loss, per_token, metrics) = loss_of(lp, ent)
+        return loss, per_token, metrics, None
+    (g_lp, g_h), (loss, per_token, metrics) = torch.func.grad(loss_of, argnums=(0, 1), has_aux=True)(lp, ent)
+    g_lp = g_lp.reshape(-1).to(logp.dtype).contiguous()
+    g_h = g_h.reshape(-1).to(logp.dtype).contiguous() if config.entropy_coef != 0.0 else None
+    args = (logits, labels, lse, entropy, g_lp, g_h, config.temperature, ignore_index, backend)
+    if inplace:
+        token_logprobs_bwd_inplace_op(*args)
+        return loss, per_token, metrics, logits
+    return loss, per_token, metrics, token_logprobs_bwd_op(*args)
 
 
 def _fused(logits, labels, old, adv, ref, mask, config, backend, ignore_index, num_tokens, num_sequences,
-           grad_out):
-    fwd = registry.launcher(OP, backend, "fwd")
+           write_grad, inplace):
     shape = mask.shape
     acc = acc_dtype(logits.dtype)
     adv_tok = (adv.unsqueeze(-1).expand(shape) if adv.dim() == 1 else adv).to(acc).reshape(-1).contiguous()
     ref_flat = None if ref is None else ref.to(acc).reshape(-1).contiguous()
     weight = aggregation_weight(mask, config, num_tokens, num_sequences, acc).reshape(-1).contiguous()
-    args = PolicyKernelArgs.from_config(config, has_ref=ref is not None, ignore_index=ignore_index)
-    per_token, logp, entropy = fwd(
-        logits, labels, old.to(acc).reshape(-1).contiguous(), adv_tok, ref_flat, weight, args, grad_out
-    )
+    floats, ints = _pack(PolicyKernelArgs.from_config(config, has_ref=ref is not None, ignore_index=ignore_index))
+    old_flat = old.to(acc).reshape(-1).contiguous()
+    if write_grad and inplace:
+        per_token, logp, entropy = policy_loss_fwd_inplace_op(
+            logits, labels, old_flat, adv_tok, ref_flat, weight, floats, ints, backend)
+        grad = logits
+    else:
+        per_token, logp, entropy, grad = policy_loss_fwd_op(
+            logits, labels, old_flat, adv_tok, ref_flat, weight, floats, ints, backend, write_grad)
+        grad = grad if write_grad else None
     per_token = per_token.view(shape)
     loss = aggregate_ref(per_token, mask, config.agg, num_tokens=num_tokens,
                          num_sequences=num_sequences, agg_scale=config.agg_scale)
@@ -89,17 +165,25 @@ def _fused(logits, labels, old, adv, ref, mask, config, backend, ignore_index, n
         logp.view(shape), old, adv, mask, ref_logprobs=ref, entropy=entropy.view(shape),
         config=config, num_tokens=num_tokens, num_sequences=num_sequences,
     )
-    return loss, per_token, metrics
+    return loss, per_token, metrics, grad
+
+
+def fused_kernel_applies(config) -> bool:
+    """The fused kernels know the token-local variants of ``PolicyKernelArgs`` (ppo, cispo)."""
+    from ..kernels.policy_args import VARIANT_CODES
+
+    return config.variant in VARIANT_CODES
 
 
 def policy_loss_forward(logits, labels, old, adv, ref, mask, config, backend, ignore_index,
-                        num_tokens, num_sequences, grad_out):
-    """Dispatch: the fused kernel where it applies, else the two-phase path."""
-    if config.variant != "gspo" and backend in registry.backends_for(OP, logits.device):
+                        num_tokens, num_sequences, write_grad, inplace):
+    """Dispatch: the fused kernel where it applies, else the two-phase path.
+    Returns ``(loss, per_token_loss, metrics, grad or None)``."""
+    if fused_kernel_applies(config) and backend in registry.backends_for(OP, logits.device):
         return _fused(logits, labels, old, adv, ref, mask, config, backend, ignore_index, num_tokens,
-                      num_sequences, grad_out)
+                      num_sequences, write_grad, inplace)
     return _two_phase(logits, labels, old, adv, ref, mask, config, backend, ignore_index,
-                      num_tokens, num_sequences, grad_out)
+                      num_tokens, num_sequences, write_grad, inplace)
 
 
 class PolicyLossFunction(torch.autograd.Function):
@@ -109,29 +193,21 @@ class PolicyLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, old, adv, ref, mask, config, backend, ignore_index,
                 num_tokens, num_sequences, inplace_backward, metric_keys):
-        grad_out = None
-        if ctx.needs_input_grad[0]:
-            grad_out = logits if inplace_backward else torch.empty_like(logits, memory_format=torch.contiguous_format)
-        loss, per_token, metrics = policy_loss_forward(
-            logits, labels, old, adv, ref, mask, config, backend, ignore_index, num_tokens, num_sequences, grad_out
+        write_grad = bool(ctx.needs_input_grad[0])
+        loss, per_token, metrics, grad = policy_loss_forward(
+            logits, labels, old, adv, ref, mask, config, backend, ignore_index, num_tokens, num_sequences,
+            write_grad, bool(inplace_backward),
         )
-        if grad_out is not None and inplace_backward:
+        if grad is not None and inplace_backward:
             # the logits now hold the gradient: any other saved use of them must fail loudly
             torch.autograd.graph.increment_version(logits)
-        ctx.save_for_backward(grad_out)
+        ctx.grad = None if grad is None else GradBuffer(grad)
         stacked = torch.stack([metrics[k].float() for k in metric_keys])
         ctx.mark_non_differentiable(per_token, stacked)
         return loss, per_token, stacked
 
     @staticmethod
     def backward(ctx, grad_loss, grad_per_token, grad_metrics):
-        (grad,) = ctx.saved_tensors
-        if grad_loss is None or grad is None:
+        if grad_loss is None or ctx.grad is None:
             return (None,) * 13
-        scale = float(grad_loss)  # syncs, as any check for "exactly 1" would
-        if scale != 1.0:
-            # a Python scalar is applied at fp32 (opmath) precision; ``grad_loss.to(grad.dtype)``
-            # would first round it to bf16 / fp16 (1/3 -> 0.33398, a 0.2% bias on the gradient).
-            # The bf16 / fp16 gradient is still rounded twice (forward, here): <= 1 ulp more.
-            grad = grad.mul_(scale)
-        return (grad,) + (None,) * 12
+        return (ctx.grad.scaled(grad_loss),) + (None,) * 12

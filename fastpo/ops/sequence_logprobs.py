@@ -23,6 +23,7 @@ import functools
 
 import torch
 
+from .._validation import check_label_range
 from ..reference.sequence_logprobs import sequence_grad_logp, sequence_sum
 from ..reference._dtypes import acc_dtype
 from . import registry
@@ -52,37 +53,32 @@ registry.register(
 )
 
 
-def _row_blocks(*tensors: torch.Tensor) -> list[tuple[slice, list[torch.Tensor]]]:
-    """``[B, T, V]`` tensors as ``[rows, V]`` blocks the per-token launchers accept: one
-    ``[B*T, V]`` view when every tensor's strides allow it, else one ``[T, V]`` view per
-    sequence (a slice like ``logits[:, :-1]``), so the logits are never copied."""
-    b, t, v = tensors[0].shape
+def _token_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``[B, T, V]`` as the per-token launchers read it: ``[B*T, V]`` when the strides allow,
+    else the ``[B, T, V]`` view itself (e.g. ``logits[:, :-1]``); never a copy."""
+    b, t, v = logits.shape
     try:
-        return [(slice(0, b), [x.view(b * t, v) for x in tensors])]
+        return logits.view(b * t, v)
     except RuntimeError:
-        return [(slice(i, i + 1), [x[i] for x in tensors]) for i in range(b)]
+        return logits
 
 
 def _composed_fwd(backend, logits, labels, temperature, ignore_index, average):
     fwd = registry.launcher(TOKEN_OP, backend, "fwd")
-    b, t, _ = logits.shape
-    logp = torch.empty(b, t, dtype=acc_dtype(logits.dtype), device=logits.device)
-    lse = torch.empty_like(logp)
-    for rows, (block,) in _row_blocks(logits):
-        lp, _, ls = fwd(block, labels[rows].reshape(-1), temperature, ignore_index)
-        logp[rows] = lp.view(logp[rows].shape)
-        lse[rows] = ls.view(lse[rows].shape)
+    logp, _, lse = fwd(_token_rows(logits), labels.reshape(-1), temperature, ignore_index)
+    logp, lse = logp.view(labels.shape), lse.view(labels.shape)
     return sequence_sum(logp, labels, ignore_index, average), lse
 
 
 def _composed_bwd(backend, logits, labels, lse, grad_out, temperature, ignore_index, average, grad_in):
     bwd = registry.launcher(TOKEN_OP, backend, "bwd")
     grad_logp = sequence_grad_logp(grad_out.to(lse.dtype), labels, ignore_index, average)
-    for rows, (block, grad_block) in _row_blocks(logits, grad_in):
-        lse_r = lse[rows].reshape(-1)
-        # entropy is not differentiated here (grad_entropy=None): lse stands in for the unused argument
-        bwd(block, labels[rows].reshape(-1), lse_r, lse_r, grad_logp[rows].reshape(-1), None,
-            temperature, ignore_index, grad_block)
+    rows = _token_rows(logits)
+    grad_rows = grad_in.view(rows.shape) if rows.dim() == 2 else grad_in
+    lse_flat = lse.reshape(-1)
+    # entropy is not differentiated here (grad_entropy=None): lse stands in for the unused argument
+    bwd(rows, labels.reshape(-1), lse_flat, lse_flat, grad_logp.reshape(-1), None,
+        temperature, ignore_index, grad_rows)
     return grad_in
 
 
@@ -97,6 +93,7 @@ def sequence_logprobs_fwd_op(
     logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int, average: bool, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B], lse [B, T]), fp32 (fp64 for fp64 logits)."""
+    check_label_range(labels, logits.shape[-1], ignore_index)
     fwd = registry.launcher(OP, backend, "fwd")
     out, lse = fwd(logits, labels, temperature, ignore_index, average)
     return out, lse

@@ -2,7 +2,10 @@
 
 Read top-down: registry entries → out-variant custom ops (+ fake kernels so
 torch.compile can trace) → ``TokenLogprobsFunction``. Inputs reaching this layer
-are already validated and flattened to logits [N, V] / labels [N] int64.
+are validated (types, shapes) and arranged as the kernels read them, without a
+copy: logits ``[N, V]`` or ``[R, C, V]`` (unit stride along V; row r = i * C + j)
+and labels ``[N]`` int64. The label range is checked inside the forward op
+(``check_label_range``): eagerly even under torch.compile, before any kernel.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from .._validation import check_label_range
 from ..reference._dtypes import acc_dtype
 from . import registry
 
@@ -42,13 +46,14 @@ def token_logprobs_fwd_op(
     logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp, entropy, lse), each [N] fp32 (fp64 for fp64 logits)."""
+    check_label_range(labels, logits.shape[-1], ignore_index)
     fwd = registry.launcher(OP, backend, "fwd")
     return tuple(fwd(logits, labels, temperature, ignore_index))
 
 
 @token_logprobs_fwd_op.register_fake
 def _(logits, labels, temperature, ignore_index, backend):
-    n = logits.shape[0]
+    n = labels.shape[0]
     out = logits.new_empty(n, dtype=acc_dtype(logits.dtype))
     return out, torch.empty_like(out), torch.empty_like(out)
 
@@ -59,7 +64,7 @@ def token_logprobs_bwd_op(
     grad_logp: torch.Tensor, grad_entropy: Optional[torch.Tensor],
     temperature: float, ignore_index: int, backend: str,
 ) -> torch.Tensor:
-    """dL/dlogits [N, V] in the logits' dtype, in a new buffer."""
+    """dL/dlogits (the logits' shape, contiguous) in the logits' dtype, in a new buffer."""
     bwd = registry.launcher(OP, backend, "bwd")
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     return bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, grad)
