@@ -19,6 +19,13 @@ from .functional.sequence_logprobs import sequence_logprobs  # noqa: E402
 from .functional.token_logprobs import token_logprobs  # noqa: E402
 from .modules.dpo import DPOLoss  # noqa: E402
 from .modules.policy import PolicyLoss, ValueLoss  # noqa: E402
+from .functional.advantages import (  # noqa: E402
+    discounted_returns,
+    group_advantages,
+    passk_advantages,
+    token_rewards,
+)
+from .functional.rollout import rollout_is_weights, rollout_rejection_mask  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -40,4 +47,10 @@ __all__ = [
     "token_logprobs",
     "value_loss",
     "whiten",
+    "discounted_returns",
+    "group_advantages",
+    "passk_advantages",
+    "rollout_is_weights",
+    "rollout_rejection_mask",
+    "token_rewards",
 ]

@@ -8,11 +8,18 @@ checks values and gradients.
 """
 from __future__ import annotations
 
+import math
+
 from fastpo.config import PolicyLossConfig
 
-__all__ = ["openrlhf", "trl_grpo", "verl"]
+__all__ = ["openrlhf", "trl_grpo", "trl_rloo", "verl"]
 
-TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+_TRL_AGG = {  # loss_type -> fastpo agg (dr_grpo adds agg_scale=max_completion_length)
+    "grpo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean", "bnpo": "token-mean",
+    "dr_grpo": "seq-mean-token-sum-norm", "dapo": "token-mean", "cispo": "token-mean",
+    "vespo": "token-mean", "luspo": "seq-mean-token-sum",
+}
 
 
 def trl_grpo(
@@ -26,30 +33,51 @@ def trl_grpo(
     max_completion_length: int | None = 512,
     use_bias_correction_kl: bool = True,
     entropy_coef: float = 0.0,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    top_entropy_quantile: float = 1.0,
+    off_policy_mask_threshold: float | None = None,
 ) -> PolicyLossConfig:
     """TRL ``GRPOTrainer`` loss (``_compute_loss``, TRL 1.16) for the given ``GRPOConfig`` values.
 
-    Defaults are GRPOConfig's. Per token, with r = exp(logp - old): ``-min(min(r, delta) A,
-    clip(r, 1 - epsilon, 1 + epsilon_high) A) + beta * k3`` (k3 unclamped);
-    ``importance_sampling_level="sequence"`` replaces r by the GSPO sequence ratio (TRL's
-    (B, 1) weights give the same values and, for per-sequence advantages, the same gradients
-    as fastpo's stop-gradient token form); ``cispo``: ``-sg[min(r, epsilon_high)] A logp``
-    (epsilon_high is an absolute ratio cap there, recommended 5.0; TRL ignores delta for cispo).
+    Defaults are GRPOConfig's; with them the preset reproduces ``_compute_loss`` exactly (values
+    and gradients). Per token, with r = exp(logp - old): ``-min(min(r, delta) A, clip(r,
+    1 - epsilon, 1 + epsilon_high) A)`` (grpo, bnpo, dr_grpo, dapo, luspo); ``cispo``
+    ``-sg[min(r, epsilon_high)] A logp`` (epsilon_high is an absolute cap there, recommended 5.0;
+    TRL ignores delta for cispo, sapo and vespo); ``sapo`` the soft gate with
+    sapo_temperature_pos/neg; ``vespo`` the Gamma-weighted ``-sg[phi] A logp``. Then the
+    off-policy mask, the top-entropy mask, the vLLM IS ratio (``policy_weights``), and
+    ``beta * k3`` (k3 unclamped), times the ratio when ``use_bias_correction_kl`` (TRL's default;
+    ``kl_importance_weighted``). ``importance_sampling_level="sequence"`` maps to gspo with
+    ``seq_ratio_grad="sequence"`` (TRL's (B, 1) weights are differentiable through every token).
+    The entropy bonus is always a token mean over the tokens it acts on (``entropy_agg``).
     With G = gradient_accumulation_steps (``trainer.current_gradient_accumulation_steps``):
 
     ============  ==========================  =================================================
     loss_type     fastpo agg                  call-time arguments that reproduce TRL (training)
     ============  ==========================  =================================================
-    grpo          seq-mean-token-mean         num_sequences = B * G
+    grpo, sapo    seq-mean-token-mean         num_sequences = B * G
     bnpo          token-mean                  num_tokens = max(1, mask.sum()) * G
     dr_grpo       seq-mean-token-sum-norm,    num_sequences = B * G
                   agg_scale=max_completion_length
-    dapo, cispo   token-mean                  num_tokens = max(1, inputs["num_items_in_batch"])
-                                              / num_processes * G / steps_per_generation
+    luspo         seq-mean-token-sum          num_sequences = B * G
+    dapo, cispo,  token-mean                  num_tokens = max(1, inputs["num_items_in_batch"])
+    vespo                                     / num_processes * G / steps_per_generation
+    entropy_coef  entropy_agg="token-mean"    aux_num_tokens = max(1, effective tokens) * G
     ============  ==========================  =================================================
 
     (G = 1, or evaluation: drop the G factors; steps_per_generation defaults to G, so for dapo
-    num_tokens = num_items_in_batch / num_processes, the global token count per process.)
+    num_tokens = num_items_in_batch / num_processes. "effective tokens": the mask, times the
+    top-entropy mask when top_entropy_quantile < 1; with G = 1 the default is exactly that.)
+    Inputs: vLLM importance sampling (``use_vllm`` and ``vllm_importance_sampling_correction``)
+    -> ``policy_weights=inputs["importance_sampling_ratio"]`` ((B, 1) ratios: pass
+    ``.squeeze(1)``; or compute them with ``fastpo.rollout_is_weights(..., log_clamp=None)``;
+    vespo folds them into its weight, as TRL); off_policy_mask_threshold ->
+    ``rollout_logprobs=inputs["sampling_per_token_logps"]`` when present.
 
     Example (DAPO)::
 
@@ -57,13 +85,12 @@ def trl_grpo(
         out = fastpo.policy_loss_from_logprobs(logps, old_logps, advantages, completion_mask, config=cfg,
                                                num_tokens=num_items_in_batch / world_size)
 
-    Raises for what one ``PolicyLossConfig`` cannot express: ``beta != 0`` with
-    ``use_bias_correction_kl=True`` (TRL 1.16's default multiplies the KL by the importance
-    ratio: set it False in GRPOConfig and here), ``entropy_coef != 0`` unless loss_type is
-    "bnpo" (TRL's entropy bonus is always a local token mean), loss types sapo / luspo / vespo,
-    cispo with importance_sampling_level="sequence". Not covered: top_entropy_quantile < 1,
-    off_policy_mask_threshold, the vLLM importance-sampling correction, the adaptive entropy
-    controller.
+    Raises for what ``PolicyLossConfig`` cannot express: cispo or sapo with
+    importance_sampling_level="sequence", vespo with importance_sampling_level="sequence" and a
+    bias-corrected KL (beta != 0). Not covered: the adaptive entropy controller (pass the
+    current coefficient each step: ``dataclasses.replace(cfg, entropy_coef=...)``), the
+    cross-process quantile of top_entropy_quantile (fastpo takes it over the local batch; equal
+    for one process).
     """
     if loss_type not in TRL_LOSS_TYPES:
         raise ValueError(f"unsupported TRL loss_type {loss_type!r}; expected one of {', '.join(TRL_LOSS_TYPES)}")
@@ -71,30 +98,26 @@ def trl_grpo(
         raise ValueError(
             f"unknown importance_sampling_level {importance_sampling_level!r}; expected 'token' or 'sequence'"
         )
-    if beta != 0.0 and use_bias_correction_kl:
-        raise ValueError(
-            "TRL's use_bias_correction_kl=True (its default) multiplies the KL term by the importance ratio, "
-            "which PolicyLossConfig does not express; set use_bias_correction_kl=False (in GRPOConfig and here)"
-        )
-    if entropy_coef != 0.0 and loss_type != "bnpo":
-        raise ValueError(
-            "TRL normalises its entropy bonus by the local token count, which matches the policy term's "
-            "aggregation only for loss_type='bnpo'"
-        )
+    sequence = importance_sampling_level == "sequence"
+    if sequence and loss_type in ("cispo", "sapo"):
+        raise ValueError(f"trl_grpo: {loss_type} with importance_sampling_level='sequence' is not supported")
+    weighted = beta != 0.0 and bool(use_bias_correction_kl)
+    if sequence and loss_type == "vespo" and weighted:
+        raise ValueError("trl_grpo: vespo with importance_sampling_level='sequence' weights the KL by the "
+                         "sequence ratio, which PolicyLossConfig does not express for vespo")
     eps_high = epsilon if epsilon_high is None else epsilon_high
-    agg, agg_scale = "token-mean", None
-    if loss_type == "grpo":
-        agg = "seq-mean-token-mean"
-    elif loss_type == "dr_grpo":
+    agg, agg_scale = _TRL_AGG[loss_type], None
+    if loss_type == "dr_grpo":
         if max_completion_length is None:
             raise ValueError("loss_type='dr_grpo' normalises by max_completion_length; it must be set")
-        agg, agg_scale = "seq-mean-token-sum-norm", float(max_completion_length)
+        agg_scale = float(max_completion_length)
     common = dict(
-        kl_coef=beta, kl_estimator="k3", kl_clamp=None, entropy_coef=entropy_coef, agg=agg, agg_scale=agg_scale
+        kl_coef=beta, kl_estimator="k3", kl_clamp=None, kl_importance_weighted=weighted,
+        entropy_coef=entropy_coef, entropy_agg="token-mean" if entropy_coef != 0.0 else None,
+        agg=agg, agg_scale=agg_scale, top_entropy_quantile=top_entropy_quantile,
+        off_policy_mask_threshold=off_policy_mask_threshold,
     )
     if loss_type == "cispo":
-        if importance_sampling_level != "token":
-            raise ValueError("trl_grpo: cispo with importance_sampling_level='sequence' is not supported")
         if eps_high < 1.0:
             raise ValueError(
                 f"for cispo TRL caps the ratio at epsilon_high itself (got {eps_high}); fastpo needs "
@@ -102,8 +125,28 @@ def trl_grpo(
             )
         # r >= 0 always, so clip_low=1 (lower bound 0) leaves TRL's one-sided cap.
         return PolicyLossConfig(variant="cispo", clip_low=1.0, clip_high=eps_high - 1.0, **common)
-    variant = "gspo" if importance_sampling_level == "sequence" else "ppo"
-    return PolicyLossConfig(variant=variant, clip_low=epsilon, clip_high=eps_high, ratio_cap=delta, **common)
+    if loss_type == "sapo":
+        return PolicyLossConfig(variant="sapo", sapo_tau_pos=sapo_temperature_pos,
+                                sapo_tau_neg=sapo_temperature_neg, **common)
+    if loss_type == "vespo":
+        return PolicyLossConfig(variant="vespo", vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos,
+                                vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg, **common)
+    seq = dict(variant="gspo", seq_ratio_grad="sequence") if sequence else dict(variant="ppo")
+    return PolicyLossConfig(clip_low=epsilon, clip_high=eps_high, ratio_cap=delta, **seq, **common)
+
+
+def trl_rloo(*, epsilon: float = 0.2, epsilon_high: float | None = None) -> PolicyLossConfig:
+    """TRL ``RLOOTrainer`` loss (``_compute_loss``, TRL 1.16): one sequence-level clipped ratio
+    ``s_i = exp(sum_t m (logp - old))`` per completion, ``-min(s_i A_i, clip(s_i, 1 - epsilon,
+    1 + epsilon_high) A_i)``, mean over the B completions (TRL's HF Trainer then divides by the
+    gradient-accumulation steps, outside the loss). Pass per-token ``old_logprobs`` (TRL stores
+    their masked sum) and ``[B]`` advantages. RLOO's KL is part of the reward (beta: use
+    ``fastpo.token_rewards`` / the sequence sum), not of this loss. Difference: a completion with
+    no kept token contributes -A_i / B in TRL and 0 here (TRL's completions always hold EOS).
+    """
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    return PolicyLossConfig(variant="gspo", seq_ratio="sum", seq_ratio_grad="sequence", clip_low=epsilon,
+                            clip_high=eps_high, agg="seq-mean-token-mean")
 
 
 # verl kl_loss_type -> (fastpo estimator, clamp). low_var_kl / k3 clamp their value to [-10, 10].
@@ -118,8 +161,12 @@ _VERL_KL = {
 }
 
 
+VERL_LOSS_MODES = ("vanilla", "gspo", "sapo", "cispo", "gpg", "geo_mean")
+
+
 def verl(
     *,
+    loss_mode: str = "vanilla",
     clip_ratio: float = 0.2,
     clip_ratio_low: float | None = None,
     clip_ratio_high: float | None = None,
@@ -130,15 +177,35 @@ def verl(
     kl_loss_type: str = "low_var_kl",
     entropy_coeff: float = 0.0,
     loss_scale_factor: float | None = None,
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
 ) -> PolicyLossConfig:
-    """verl actor loss with ``policy_loss.loss_mode="vanilla"`` (``compute_policy_loss_vanilla``).
+    """verl actor loss (``verl/trainer/ppo/core_algos.py`` policy losses + ``agg_loss`` +
+    ``kl_penalty``, as combined by ``dp_actor`` / ``workers/utils/losses.py``; verl main, 2026).
 
-    Option names are verl's ``actor_rollout_ref.actor.*``. verl's vanilla loss always applies
-    dual-clip with ``clip_ratio_c`` (default 3) where A < 0, clamps logp - old to [-20, 20]
-    before exp, adds ``kl_loss_coef * agg(kl_penalty(logp, ref, kl_loss_type))`` when
-    ``use_kl_loss`` and subtracts ``entropy_coeff * agg(entropy)``, all with the same
-    ``loss_agg_mode``. kl_loss_type: "kl"/"k1", "abs", "mse"/"k2", "low_var_kl"/"k3" (value
-    clamped to [-10, 10]) and the "+" forms ("k1+", "k3+", "low_var_kl+", "abs+": k2 gradient).
+    Option names are verl's ``actor_rollout_ref.actor.*`` (``loss_mode`` is
+    ``policy_loss.loss_mode``). The KL term ``kl_loss_coef * agg(kl_penalty(logp, ref,
+    kl_loss_type))`` (when ``use_kl_loss``) and the entropy term ``-entropy_coeff * agg(H)`` are
+    always aggregated with ``loss_agg_mode``; the policy term per mode:
+
+    ==========  =================================================================================
+    loss_mode   fastpo
+    ==========  =================================================================================
+    vanilla     ppo, dual_clip=clip_ratio_c (always on), log-ratio clamp +-20, agg=loss_agg_mode
+    gspo        gspo, token gradient form, log s_i clamped to <= 10 (seq_logratio_max), no dual
+                clip, agg="seq-mean-token-mean" (forced by verl; KL / entropy: loss_agg_mode)
+    sapo        sapo (tau_pos / tau_neg), log-ratio clamp +-20, agg="seq-mean-token-mean" (forced)
+    cispo       cispo, clip [1 - low, 1 + high], log-ratio clamp +-20, agg=loss_agg_mode
+    gpg         pg (-A logp), agg=loss_agg_mode
+    geo_mean    gmpo with verl's log-space clip [-low, +high] (clip_low = 1 - e^-low, clip_high =
+                e^high - 1), a plain mean over the B sequences ("seq-mean-token-mean", leave
+                num_sequences at its default B); KL / entropy: loss_agg_mode
+    ==========  =================================================================================
+
+    kl_loss_type: "kl"/"k1", "abs", "mse"/"k2", "low_var_kl"/"k3" (value clamped to [-10, 10])
+    and the "+" forms ("k1+", "k3+", "low_var_kl+", "abs+": k2 gradient). Rollout correction:
+    ``policy_weights=rollout_is_weights`` (``fastpo.rollout_is_weights``, verl's TIS / MIS; geo_mean
+    uses their masked geometric mean, as verl) and ``mask & fastpo.rollout_rejection_mask(...)``.
 
     Example::
 
@@ -147,16 +214,21 @@ def verl(
         out = fastpo.policy_loss_from_logprobs(log_prob, old_log_prob, advantages, response_mask,
                                                ref_logprobs=ref_log_prob, entropy=entropy, config=cfg)
 
-    Version notes (the call-time arguments that reproduce each):
-    - verl divides by ``mask.sum() + 1e-8`` (``seq_len + 1e-8`` per sequence); fastpo uses
-      max(1, count): identical in fp32, 1e-8 relative in fp64.
-    - Recent verl excludes fully masked sequences from the seq-mean count and normalises by
-      global counts times the data-parallel size: pass ``num_sequences`` = (global batch size
-      or number of non-empty sequences) / dp_size, ``num_tokens`` = global tokens / dp_size.
-    - Older verl's "seq-mean-token-sum-norm" divided by T only, not by the number of
-      sequences: pass ``num_sequences=1``.
-    Other verl loss modes (gspo, gpg, clip_cov, kl_cov, geo_mean) are not covered.
+    Call-time counts (verl's ``global_batch_info``):
+    - "token-mean": ``num_tokens`` = global tokens / dp_size (and ``aux_num_tokens`` the same
+      when KL / entropy are aggregated apart: gspo / sapo / geo_mean); default: local tokens.
+    - "seq-mean-*": verl counts only non-empty sequences: ``num_sequences`` = (global non-empty
+      sequences) / dp_size, locally the number of non-empty rows.
+    - "seq-mean-token-sum-norm": verl main divides by ``loss_scale_factor`` (default T) only, not
+      by a sequence count (the division by the batch size was reverted): pass
+      ``num_sequences=1``.
+    verl divides by ``mask.sum() + 1e-8`` (``seq_len + 1e-8`` per sequence); fastpo uses
+    max(1, count): identical in fp32, 1e-8 relative in fp64. Raises for clip_cov, kl_cov,
+    bypass_mode and other modes, and for gspo / sapo with "seq-mean-token-sum-norm" KL or entropy
+    terms (one num_sequences cannot be both the sequence count and 1).
     """
+    if loss_mode not in VERL_LOSS_MODES:
+        raise ValueError(f"unsupported verl loss_mode {loss_mode!r}; expected one of {', '.join(VERL_LOSS_MODES)}")
     if loss_agg_mode not in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
         raise ValueError(f"unsupported verl loss_agg_mode {loss_agg_mode!r}")
     base = kl_loss_type[:-1] if kl_loss_type.endswith("+") else kl_loss_type
@@ -165,19 +237,34 @@ def verl(
     estimator, clamp = _VERL_KL[base]
     if kl_loss_type.endswith("+"):
         estimator += "+"
-    return PolicyLossConfig(
-        variant="ppo",
-        clip_low=clip_ratio if clip_ratio_low is None else clip_ratio_low,
-        clip_high=clip_ratio if clip_ratio_high is None else clip_ratio_high,
-        dual_clip=clip_ratio_c,
-        logratio_clamp=20.0,
-        kl_coef=kl_loss_coef if use_kl_loss else 0.0,
-        kl_estimator=estimator,
-        kl_clamp=clamp,
-        entropy_coef=entropy_coeff,
-        agg=loss_agg_mode,
-        agg_scale=loss_scale_factor,
-    )
+    low = clip_ratio if clip_ratio_low is None else clip_ratio_low
+    high = clip_ratio if clip_ratio_high is None else clip_ratio_high
+    kl_coef = kl_loss_coef if use_kl_loss else 0.0
+    common = dict(kl_coef=kl_coef, kl_estimator=estimator, kl_clamp=clamp, entropy_coef=entropy_coeff,
+                  agg_scale=loss_scale_factor)
+    forced = {"gspo": "seq-mean-token-mean", "sapo": "seq-mean-token-mean", "geo_mean": "seq-mean-token-mean"}
+    agg = forced.get(loss_mode, loss_agg_mode)
+    if agg != loss_agg_mode:
+        if loss_agg_mode == "seq-mean-token-sum-norm" and loss_mode != "geo_mean" and (kl_coef or entropy_coeff):
+            raise ValueError(f"verl {loss_mode}: a seq-mean-token-sum-norm KL / entropy term next to the "
+                             "forced seq-mean-token-mean policy term needs two sequence counts")
+        common.update(kl_agg=loss_agg_mode if kl_coef else None, entropy_agg=loss_agg_mode if entropy_coeff else None)
+    if loss_mode == "vanilla":
+        return PolicyLossConfig(variant="ppo", clip_low=low, clip_high=high, dual_clip=clip_ratio_c,
+                                logratio_clamp=20.0, agg=agg, **common)
+    if loss_mode == "gspo":
+        return PolicyLossConfig(variant="gspo", clip_low=low, clip_high=high, seq_logratio_max=10.0, agg=agg,
+                                **common)
+    if loss_mode == "sapo":
+        return PolicyLossConfig(variant="sapo", sapo_tau_pos=tau_pos, sapo_tau_neg=tau_neg, logratio_clamp=20.0,
+                                agg=agg, **common)
+    if loss_mode == "cispo":
+        return PolicyLossConfig(variant="cispo", clip_low=low, clip_high=high, logratio_clamp=20.0, agg=agg,
+                                **common)
+    if loss_mode == "gpg":
+        return PolicyLossConfig(variant="pg", agg=agg, **common)
+    return PolicyLossConfig(variant="gmpo", clip_low=-math.expm1(-float(low)), clip_high=math.expm1(float(high)),
+                            agg=agg, **common)
 
 
 def openrlhf(
@@ -193,18 +280,26 @@ def openrlhf(
     entropy_loss_coef: float | None = None,
 ) -> PolicyLossConfig:
     """OpenRLHF actor loss: ``PolicyLoss`` (openrlhf/models/loss.py) plus the actor's KL and
-    entropy terms, for the given CLI options (``--eps_clip_low_high``, ``--dual_clip``,
-    ``--policy_loss_type``, ``--use_kl_loss``, ``--init_kl_coef``, ``--kl_estimator``,
-    ``--entropy_loss_coef``).
+    entropy terms (``trainer/ray/ppo_actor.py``), for the given options (``eps_clip_low_high``,
+    ``dual_clip``, ``policy_loss_type``, ``algo.kl.use_loss``, ``algo.kl.init_coef``,
+    ``algo.kl.estimator``, ``actor.entropy_coef``).
 
-    OpenRLHF: ``loss = -min(r A, clip(r, 1 - clip_eps_low, 1 + clip_eps_high) A)``, with
-    dual-clip ``-max(min(.), dual_clip * A)`` where A < 0; "gspo" uses the sequence ratio
-    and forces the per-sequence mean; ``token_level_loss=True`` averages over all tokens
-    ("token-mean"), False per sequence then over sequences ("seq-mean-token-mean"). With
-    ``use_kl_loss`` the actor adds ``init_kl_coef * masked_mean(compute_approx_kl(...))``
-    (k1/k2/k3, value clamped to [-10, 10] in recent releases) and subtracts
-    ``entropy_loss_coef * masked_mean(entropy)``; without it the KL is folded into the reward
-    and is not part of this loss (kl_coef 0 here).
+    OpenRLHF: ppo ``-min(r A, clip(r, 1 - clip_eps_low, 1 + clip_eps_high) A)`` with log r
+    clamped to [-20, 20] and dual-clip ``-max(min(.), dual_clip * A)`` where A < 0; "gspo" the
+    sequence ratio exp(masked mean of logp - old), differentiable through every token
+    (``seq_ratio_grad="sequence"``), per-sequence mean forced; ``token_level_loss=True``
+    averages over all tokens ("token-mean"), False per sequence then over sequences
+    ("seq-mean-token-mean"). With ``use_kl_loss`` the actor adds ``init_kl_coef *
+    token_mean(compute_approx_kl(...))`` (k1/k2/k3, value clamped to [-10, 10]) and subtracts
+    ``entropy_loss_coef * token_mean(entropy)``: always token means (``kl_agg`` / ``entropy_agg``
+    "token-mean" when the policy term is per sequence); without it the KL is folded into the
+    reward (``fastpo.token_rewards``) and is not part of this loss.
+
+    Call-time counts (OpenRLHF's ``loss_batch_info``, summed over the optimizer step's
+    micro-batches and the data-parallel ranks, divided by the accumulation steps gas):
+    ``num_tokens = aux_num_tokens = batch_num_tokens / dp_size``, ``num_sequences =
+    global_batch_size / dp_size`` (non-empty sequences only). Locally (one rank, gas = 1)
+    ``num_sequences`` = the number of non-empty rows, and the token counts are the defaults.
 
     Example::
 
@@ -213,34 +308,31 @@ def openrlhf(
         out = fastpo.policy_loss_from_logprobs(action_log_probs, old_action_log_probs, advantages,
                                                action_mask, ref_logprobs=base_action_log_probs, config=cfg)
 
-    Differences: OpenRLHF's masked mean has no guard, so a fully masked sequence gives NaN
-    there and 0 here. OpenRLHF always averages the KL and entropy terms over tokens, so with a
-    per-sequence policy term (token_level_loss=False or gspo) a nonzero KL / entropy
-    coefficient cannot be expressed with one aggregation: that raises ValueError. The vLLM
-    importance-sampling correction is not covered.
+    vLLM IS correction (``is_correction_enable``, ppo): ``policy_weights`` from
+    ``fastpo.rollout_is_weights`` (tis / icepop / seq-mask-tis, see there); for gspo OpenRLHF
+    takes the ratio against the rollout log-probs: pass ``old_logprobs=rollout_log_probs``.
     """
     if policy_loss_type not in ("ppo", "gspo"):
         raise ValueError(f"unsupported OpenRLHF policy_loss_type {policy_loss_type!r}; expected 'ppo' or 'gspo'")
     if kl_estimator not in ("k1", "k2", "k3"):
         raise ValueError(f"unsupported OpenRLHF kl_estimator {kl_estimator!r}; expected 'k1', 'k2' or 'k3'")
-    agg = "token-mean" if token_level_loss and policy_loss_type == "ppo" else "seq-mean-token-mean"
+    gspo = policy_loss_type == "gspo"
+    agg = "token-mean" if token_level_loss and not gspo else "seq-mean-token-mean"
     kl_coef = float(init_kl_coef) if use_kl_loss else 0.0
     entropy_coef = 0.0 if entropy_loss_coef is None else float(entropy_loss_coef)
-    if agg != "token-mean" and (kl_coef != 0.0 or entropy_coef != 0.0):
-        raise ValueError(
-            "OpenRLHF averages the KL and entropy terms over all tokens but this policy term per "
-            "sequence (token_level_loss=False or gspo); one aggregation cannot express both. Pass "
-            "use_kl_loss=False / entropy_loss_coef=0 here and add those token-mean terms yourself "
-            "(fastpo.kl_penalty)."
-        )
+    apart = agg != "token-mean"
     return PolicyLossConfig(
         variant=policy_loss_type,
         clip_low=clip_eps_low,
         clip_high=clip_eps_high,
         dual_clip=dual_clip,
+        logratio_clamp=None if gspo else 20.0,
+        seq_ratio_grad="sequence" if gspo else "token",
         kl_coef=kl_coef,
         kl_estimator=kl_estimator,
         kl_clamp=10.0,
         entropy_coef=entropy_coef,
         agg=agg,
+        kl_agg="token-mean" if apart and kl_coef else None,
+        entropy_agg="token-mean" if apart and entropy_coef else None,
     )

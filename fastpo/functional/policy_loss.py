@@ -13,12 +13,13 @@ import math
 import torch
 
 from fastpo._validation import as_rows, check_logits_labels
+from fastpo.functional.token_logprobs import token_logprobs
 from fastpo.config import METRIC_KEYS, PolicyLossConfig, PolicyLossOutput
 from fastpo.ops import registry
 from fastpo.ops.policy_loss import PolicyLossFunction
 from fastpo.reference.policy_loss import policy_loss_ref
 
-__all__ = ["policy_loss_from_logprobs", "policy_loss"]
+__all__ = ["policy_loss_from_logprobs", "policy_loss", "needs_composed_path"]
 
 _DEFAULT_CONFIG = PolicyLossConfig()
 
@@ -94,6 +95,51 @@ def _check_policy_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs,
             raise ValueError(f"logprobs are on {logprobs.device} but {name} is on {x.device}")
 
 
+def _check_call_extras(shape, device, config, policy_weights, rollout_logprobs, aux_num_tokens) -> None:
+    """The call-time arguments of the parity features: shapes, dtypes, devices, consistency."""
+    if policy_weights is not None:
+        if not isinstance(policy_weights, torch.Tensor):
+            raise TypeError(f"policy_weights must be a torch.Tensor, got {type(policy_weights).__name__}")
+        if not policy_weights.dtype.is_floating_point:
+            raise ValueError(f"policy_weights must be a floating-point tensor, got {policy_weights.dtype}")
+        if tuple(policy_weights.shape) not in ((shape[0],), tuple(shape)):
+            raise ValueError(
+                f"policy_weights must have shape [B] = [{shape[0]}] or [B, T] = {list(shape)}, "
+                f"got {list(policy_weights.shape)}"
+            )
+    if rollout_logprobs is not None:
+        check_bt("rollout_logprobs", rollout_logprobs, tuple(shape))
+    for name, x in (("policy_weights", policy_weights), ("rollout_logprobs", rollout_logprobs)):
+        if x is not None and x.device != device:
+            raise ValueError(f"logprobs are on {device} but {name} is on {x.device}")
+    check_count("aux_num_tokens", aux_num_tokens)
+    if aux_num_tokens is not None and config.kl_agg is None and config.entropy_agg is None:
+        raise ValueError("aux_num_tokens is the token-mean normaliser of config.kl_agg / config.entropy_agg; "
+                         "both are None, so it would be ignored")
+
+
+def needs_composed_path(config: PolicyLossConfig, policy_weights=None, rollout_logprobs=None,
+                        aux_num_tokens=None) -> bool:
+    """True when a call uses a feature the fused kernels do not have (the policy-parity features:
+    variants sapo / pg / gmpo / vespo, gspo's seq_ratio / seq_ratio_grad / seq_logratio_max,
+    kl_importance_weighted, off_policy_mask_threshold, top_entropy_quantile < 1, kl_agg /
+    entropy_agg, policy_weights, rollout_logprobs, aux_num_tokens)."""
+    return (
+        config.variant in ("sapo", "pg", "gmpo", "vespo")
+        or config.seq_ratio != "mean"
+        or config.seq_ratio_grad != "token"
+        or config.seq_logratio_max is not None
+        or config.kl_importance_weighted
+        or config.off_policy_mask_threshold is not None
+        or config.top_entropy_quantile < 1.0
+        or config.kl_agg is not None
+        or config.entropy_agg is not None
+        or policy_weights is not None
+        or rollout_logprobs is not None
+        or aux_num_tokens is not None
+    )
+
+
 def policy_loss_from_logprobs(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -105,6 +151,9 @@ def policy_loss_from_logprobs(
     config: PolicyLossConfig = _DEFAULT_CONFIG,
     num_tokens=None,
     num_sequences=None,
+    policy_weights: torch.Tensor | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
+    aux_num_tokens=None,
 ) -> PolicyLossOutput:
     """Clipped policy-gradient loss (PPO / GRPO / DAPO / Dr. GRPO / GSPO / CISPO) on log-probs.
 
@@ -122,14 +171,25 @@ def policy_loss_from_logprobs(
         config:        ``PolicyLossConfig`` (variant, clipping, KL, entropy, aggregation).
         num_tokens:    global token count for "token-mean" (default: local max(1, sum mask)).
         num_sequences: global sequence count S for the "seq-mean-*" modes (default: B).
+        policy_weights: ``[B]`` or ``[B, T]`` weights (used detached) that multiply the policy
+                       term only: the rollout importance-sampling correction
+                       (``fastpo.rollout_is_weights``; TRL's importance_sampling_ratio, verl's
+                       rollout_is_weights). vespo folds them into its sequence weight instead
+                       (TRL); gmpo uses their per-sequence masked geometric mean (verl).
+        rollout_logprobs: ``[B, T]`` log-probs of the inference engine that sampled the tokens;
+                       used by config.off_policy_mask_threshold (default there: old_logprobs).
+        aux_num_tokens: the "token-mean" normaliser of config.kl_agg / config.entropy_agg
+                       (default: the local count of the tokens that term acts on).
 
     Per-token loss (r = exp(logp - old), A the advantage, lo/hi = 1 -/+ clip_low/clip_high):
         ppo    max(-A min(r, ratio_cap), -A clip(r, lo, hi)); dual-clip where A < 0: min(., -c A)
         gspo   the same with the sequence ratio exp(masked mean of logp - old), stop-gradient
                token form (GSPO, Zheng et al. 2025)
         cispo  -sg[clip(r, lo, hi)] A logp    (CISPO, MiniMax-M1 2025)
+        sapo / pg / gmpo / vespo: see ``PolicyLossConfig``
         + kl_coef * KL_estimator(logp, ref)  - entropy_coef * H
-    aggregated by ``config.agg`` (formulas in ``PolicyLossConfig``). Papers: PPO (Schulman et
+    the policy term multiplied by the off-policy / top-entropy masks and policy_weights, the
+    KL optionally by the ratio (kl_importance_weighted), aggregated by ``config.agg`` (formulas in ``PolicyLossConfig``). Papers: PPO (Schulman et
     al. 2017), GRPO (DeepSeekMath, Shao et al. 2024), DAPO (Yu et al. 2025), Dr. GRPO (Liu et
     al. 2025), k3 (Schulman, "Approximating KL divergence", 2020).
 
@@ -149,6 +209,10 @@ def policy_loss_from_logprobs(
     _check_policy_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, config)
     check_count("num_tokens", num_tokens)
     check_count("num_sequences", num_sequences)
+    _check_call_extras(logprobs.shape, logprobs.device, config, policy_weights, rollout_logprobs, aux_num_tokens)
+    if entropy is None and config.top_entropy_quantile < 1.0:
+        raise ValueError(f"config.top_entropy_quantile = {config.top_entropy_quantile} needs entropy "
+                         "([B, T] per-token entropy)")
     loss, per_token_loss, metrics = policy_loss_ref(
         logprobs,
         old_logprobs,
@@ -159,6 +223,9 @@ def policy_loss_from_logprobs(
         config=config,
         num_tokens=num_tokens,
         num_sequences=num_sequences,
+        policy_weights=policy_weights,
+        rollout_logprobs=rollout_logprobs,
+        aux_num_tokens=aux_num_tokens,
     )
     return PolicyLossOutput(loss, per_token_loss, metrics)
 
@@ -174,6 +241,9 @@ def policy_loss(
     config: PolicyLossConfig = _DEFAULT_CONFIG,
     num_tokens=None,
     num_sequences=None,
+    policy_weights: torch.Tensor | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
+    aux_num_tokens=None,
     ignore_index: int = -100,
     inplace_backward: bool = False,
     backend: str = "auto",
@@ -188,6 +258,14 @@ def policy_loss(
     entropy terms; GSPO and the torch backend: token forward kernel, [B, T] loss,
     token backward kernel), and the backward only scales it by the upstream scalar.
 
+    Calls that use a policy-parity feature the fused kernels do not have yet (variants sapo /
+    pg / gmpo / vespo; gspo with seq_ratio="sum", seq_ratio_grad="sequence" or
+    seq_logratio_max; kl_importance_weighted; off_policy_mask_threshold; top_entropy_quantile
+    < 1; kl_agg / entropy_agg; policy_weights, rollout_logprobs or aux_num_tokens) take the
+    composed path: ``token_logprobs(..., return_entropy=True, backend=backend)`` then
+    ``policy_loss_from_logprobs``. Exact numbers, same backend for the log-softmax, but not
+    fused (the [B, T] loss is differentiated by autograd, then the token backward kernel runs).
+
     Args:
         logits: ``[B, T, V]`` fp32 / bf16 / fp16 (float64 for gradchecks).
         labels: ``[B, T]`` integer; ``ignore_index`` positions are masked out.
@@ -199,6 +277,7 @@ def policy_loss(
             ``config.kl_coef != 0`` (no gradient).
         config: :class:`fastpo.PolicyLossConfig` (variant, clipping, KL, entropy, agg).
         num_tokens, num_sequences: global normalisers (gradient accumulation / DP).
+        policy_weights, rollout_logprobs, aux_num_tokens: as in ``policy_loss_from_logprobs``.
         inplace_backward: write the gradient over the logits buffer during the
             forward (no second N x V allocation); the logits are garbage afterwards.
 
@@ -222,6 +301,12 @@ def policy_loss(
     _check_policy_inputs(placeholder, old_logprobs, advantages, mask, ref_logprobs, placeholder, config)
     check_count("num_tokens", num_tokens)
     check_count("num_sequences", num_sequences)
+    _check_call_extras(shape, logits.device, config, policy_weights, rollout_logprobs, aux_num_tokens)
+    if needs_composed_path(config, policy_weights, rollout_logprobs, aux_num_tokens):
+        return _composed_policy_loss(
+            logits, labels, old_logprobs, advantages, mask, ref_logprobs, config, num_tokens, num_sequences,
+            policy_weights, rollout_logprobs, aux_num_tokens, ignore_index, inplace_backward, backend,
+        )
     # a one-element count tensor acts as a scalar: the loss stays 0-dim
     num_tokens, num_sequences = (
         c.reshape(()) if isinstance(c, torch.Tensor) else c for c in (num_tokens, num_sequences)
@@ -238,3 +323,22 @@ def policy_loss(
         num_tokens, num_sequences, bool(inplace_backward), METRIC_KEYS,
     )
     return PolicyLossOutput(loss, per_token, dict(zip(METRIC_KEYS, stacked.unbind(0))))
+
+
+def _composed_policy_loss(logits, labels, old_logprobs, advantages, mask, ref_logprobs, config, num_tokens,
+                          num_sequences, policy_weights, rollout_logprobs, aux_num_tokens, ignore_index,
+                          inplace_backward, backend) -> PolicyLossOutput:
+    """token_logprobs (fused log-softmax, any backend) -> policy_loss_from_logprobs (reference)."""
+    logp, entropy = token_logprobs(
+        logits, labels, temperature=config.temperature, return_entropy=True, ignore_index=ignore_index,
+        inplace_backward=inplace_backward, backend=backend,
+    )
+    detach = lambda t: None if t is None else t.detach()  # noqa: E731
+    out = policy_loss_from_logprobs(
+        logp, old_logprobs.detach(), advantages.detach(), mask, ref_logprobs=detach(ref_logprobs),
+        entropy=entropy, config=config, num_tokens=num_tokens, num_sequences=num_sequences,
+        policy_weights=detach(policy_weights), rollout_logprobs=detach(rollout_logprobs),
+        aux_num_tokens=aux_num_tokens,
+    )
+    # as on the fused path: per_token_loss is detached, the loss carries the gradient
+    return PolicyLossOutput(out.loss, out.per_token_loss.detach(), out.metrics)

@@ -20,7 +20,7 @@ __all__ = ["PolicyLoss", "ValueLoss"]
 
 
 class PolicyLoss(nn.Module):
-    """Clipped policy-gradient loss (PPO / GRPO / DAPO / Dr. GRPO / GSPO / CISPO).
+    """Policy-gradient loss (PPO / GRPO / DAPO / Dr. GRPO / GSPO / CISPO / SAPO / GMPO / VESPO / PG).
 
     ``PolicyLoss(config)`` or ``PolicyLoss(clip_high=0.28, agg="token-mean", ...)`` (keyword
     overrides are applied to ``config`` or to the defaults). Presets:
@@ -53,6 +53,9 @@ class PolicyLoss(nn.Module):
         entropy: torch.Tensor | None = None,  # [B, T]
         num_tokens=None,
         num_sequences=None,
+        policy_weights: torch.Tensor | None = None,  # [B] or [B, T]
+        rollout_logprobs: torch.Tensor | None = None,  # [B, T]
+        aux_num_tokens=None,
     ) -> PolicyLossOutput:
         """``PolicyLossOutput(loss, per_token_loss, metrics)`` from per-token log-probs."""
         return self.forward_from_logprobs(
@@ -64,6 +67,9 @@ class PolicyLoss(nn.Module):
             entropy=entropy,
             num_tokens=num_tokens,
             num_sequences=num_sequences,
+            policy_weights=policy_weights,
+            rollout_logprobs=rollout_logprobs,
+            aux_num_tokens=aux_num_tokens,
         )
 
     def forward_from_logprobs(
@@ -77,6 +83,9 @@ class PolicyLoss(nn.Module):
         entropy: torch.Tensor | None = None,
         num_tokens=None,
         num_sequences=None,
+        policy_weights: torch.Tensor | None = None,
+        rollout_logprobs: torch.Tensor | None = None,
+        aux_num_tokens=None,
     ) -> PolicyLossOutput:
         return policy_loss_from_logprobs(
             logprobs,
@@ -88,6 +97,9 @@ class PolicyLoss(nn.Module):
             config=self.config,
             num_tokens=num_tokens,
             num_sequences=num_sequences,
+            policy_weights=policy_weights,
+            rollout_logprobs=rollout_logprobs,
+            aux_num_tokens=aux_num_tokens,
         )
 
     def forward_logits(
@@ -101,6 +113,9 @@ class PolicyLoss(nn.Module):
         ref_logprobs: torch.Tensor | None = None,  # [B, T]
         num_tokens=None,
         num_sequences=None,
+        policy_weights: torch.Tensor | None = None,
+        rollout_logprobs: torch.Tensor | None = None,
+        aux_num_tokens=None,
         ignore_index: int = -100,
         inplace_backward: bool = False,
         backend: str | None = None,
@@ -116,6 +131,9 @@ class PolicyLoss(nn.Module):
             config=self.config,
             num_tokens=num_tokens,
             num_sequences=num_sequences,
+            policy_weights=policy_weights,
+            rollout_logprobs=rollout_logprobs,
+            aux_num_tokens=aux_num_tokens,
             ignore_index=ignore_index,
             inplace_backward=inplace_backward,
             backend=self.backend if backend is None else backend,
