@@ -3,6 +3,9 @@
 The forward allocates nothing vocabulary-sized; the backward allocates the gradient of the
 slice only (none in place: it is written over the logits). What autograd's own slice
 backward then does (a zero-padded [B, T, V] gradient of the full logits) is outside fastpo.
+The ``torch`` backend is the eager reference: it must give the same values on a view, but
+its log-softmax chunks are allocations by design, so the peak-memory bounds are checked on
+the kernel backends only.
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ def test_token_logprobs_reads_the_shift_slice_in_place(device, backend, dtype):
     lp_view, h_view = fastpo.token_logprobs(view, labels, return_entropy=True, backend=backend)
     lp_copy, h_copy = fastpo.token_logprobs(view.contiguous(), labels, return_entropy=True, backend=backend)
     assert torch.equal(lp_view, lp_copy) and torch.equal(h_view, h_copy)
+    if backend == "torch":
+        return
     slice_bytes = view.numel() * view.element_size()
     fwd_peak = peak_extra_bytes(lambda: fastpo.token_logprobs(view, labels, backend=backend), torch.device(device))
     assert fwd_peak < slice_bytes / 4, f"forward allocated {fwd_peak} bytes (the slice is {slice_bytes})"
@@ -59,7 +64,8 @@ def test_policy_loss_reads_the_shift_slice_in_place(device, backend, inplace):
     ref_x = full[:, :-1].contiguous().requires_grad_()
     ref_out = fastpo.policy_loss(ref_x, labels, old, adv, config=cfg, backend=backend)
     (expected,) = torch.autograd.grad(ref_out.loss, ref_x)
-    buf = full.clone().requires_grad_() if not inplace else full.clone().requires_grad_().clone()
+    leaf = full.clone().requires_grad_()
+    buf = leaf.clone() if inplace else leaf  # the in-place path writes over a non-leaf buffer
     view = buf[:, :-1]
     slice_bytes = view.numel() * view.element_size()
 
@@ -67,11 +73,13 @@ def test_policy_loss_reads_the_shift_slice_in_place(device, backend, inplace):
         return fastpo.policy_loss(view, labels, old, adv, config=cfg, inplace_backward=inplace, backend=backend)
 
     out = run()
-    (grad,) = torch.autograd.grad(out.loss, view)
-    assert torch.equal(out.loss, ref_out.loss) and torch.equal(grad, expected)
+    (grad_leaf,) = torch.autograd.grad(out.loss, leaf)
+    assert torch.equal(out.loss, ref_out.loss)
+    assert torch.equal(grad_leaf[:, :-1], expected) and not grad_leaf[:, -1].any()
     if inplace:
-        assert grad.data_ptr() == buf.data_ptr()
-    else:
+        # the forward wrote the gradient over the slice; the backward rescaled it there
+        assert torch.equal(view.detach(), expected)
+    elif backend != "torch":
         # the forward computes the gradient: exactly one slice-sized buffer, no copy of the logits
         peak = peak_extra_bytes(run, torch.device(device))
         assert peak < 1.25 * slice_bytes, f"peak {peak} bytes for a {slice_bytes}-byte slice"
@@ -83,5 +91,8 @@ def test_sequence_logprobs_reads_the_shift_slice_in_place(device, backend):
     view = full[:, :-1]
     assert torch.equal(fastpo.sequence_logprobs(view, labels, backend=backend),
                        fastpo.sequence_logprobs(view.contiguous(), labels, backend=backend))
+    if backend == "torch":
+        return
     peak = peak_extra_bytes(lambda: fastpo.sequence_logprobs(view, labels, backend=backend), torch.device(device))
     assert peak < view.numel() * view.element_size() / 4
+

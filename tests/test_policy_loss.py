@@ -267,12 +267,13 @@ def test_shapes(device, backend, shape, config):
 def test_shifted_slice_of_logits(device, backend, inplace):
     """The usual call: logits[:, :-1] of the model output (non-contiguous); the gradient of the
     last position is zero."""
-    full = make_logits((B, T + 1, V), torch.float32, device, scale=2.0).requires_grad_()
+    leaf = make_logits((B, T + 1, V), torch.float32, device, scale=2.0).requires_grad_()
+    full = leaf.clone() if inplace else leaf  # the in-place path needs a non-leaf buffer
     batch = make_batch(device=device)
     config = C(entropy_coef=0.0625)
     out = call(batch, full[:, :-1], config=config, backend=backend, inplace_backward=inplace)
-    (grad,) = torch.autograd.grad(out.loss * 1.7, full)
-    batch["logits"] = full.detach()[:, :-1]
+    (grad,) = torch.autograd.grad(out.loss * 1.7, leaf)
+    batch["logits"] = leaf.detach()[:, :-1]
     batch["ref"] = None
     expected, grad_c = run_composed(batch, config, backend)
     assert_values_close(out, expected, 1e-5)
@@ -552,6 +553,9 @@ def test_hyper_parameters_are_runtime_arguments(device, backend, monkeypatch):
     import inspect
 
     import fastpo.kernels.policy_loss as kernels
+    from fastpo.kernels.token_logprobs import LAUNCH_OPTIONS
+
+    LAUNCH_KEYS = {"num_warps", *LAUNCH_OPTIONS}  # compile options, fixed for every config
 
     real = kernels._policy_loss_fwd_kernel
     launches = []
@@ -559,7 +563,7 @@ def test_hyper_parameters_are_runtime_arguments(device, backend, monkeypatch):
     class Recorder:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                launches.append({k: v for k, v in kwargs.items() if k != "num_warps"})
+                launches.append({k: v for k, v in kwargs.items() if k not in LAUNCH_KEYS})
                 return real[grid](*args, **kwargs)
 
             return launch
@@ -583,5 +587,5 @@ def test_hyper_parameters_are_runtime_arguments(device, backend, monkeypatch):
     constexprs = {name for name, p in params.items() if "constexpr" in str(p.annotation)}
     assert constexprs and set(launches[0]) == constexprs
     hyper = {"clip_low", "clip_high", "ratio_cap", "dual_clip", "logratio_clamp", "kl_clamp", "kl_coef",
-             "entropy_coef", "temperature", "ignore_index"}
+             "entropy_coef", "inv_t", "k", "ignore_index"}  # temperature arrives as 1/T and log2(e)/T
     assert hyper <= set(params) and not constexprs & hyper
