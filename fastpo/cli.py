@@ -1,4 +1,4 @@
-"""Command line: `fastpo verify` and `fastpo bench` (DESIGN.md §5)."""
+"""Command line: `fastpo verify`, `fastpo bench` and `fastpo aot` (DESIGN.md §5)."""
 from __future__ import annotations
 
 import argparse
@@ -155,6 +155,32 @@ def _plot(results, path: str, console) -> None:
     console.print(f"wrote {path}")
 
 
+def cmd_aot(args) -> int:
+    from .aot import run, summary
+    from .aot.cuda_report import _table as cuda_table
+    from .aot.triton_report import table as triton_table
+
+    archs = [int(a) for a in args.arch.split(",") if a]
+    rows, bad = run(archs, args.json, triton=not args.cuda_only, cuda=not args.triton_only, python=args.python)
+    triton_rows = [r for r in rows if r["backend"] == "triton"]
+    cuda_rows = [r for r in rows if r["backend"] == "cuda"]
+    if triton_rows:
+        print(triton_table(triton_rows))
+    if cuda_rows:
+        print(cuda_table(cuda_rows))
+    for r in rows:
+        if r["violations"]:
+            print(f"VIOLATION {r['backend']} {r['kernel']} {r['variant']} sm_{r['arch']} {r['dtype']} "
+                  f"V={r['vocab']}: {'; '.join(r['violations'])}")
+    for backend, s in summary(rows).items():
+        print(f"{backend}: {s['rows']} rows, {s['compiled']} compiled, {s['with_violations']} with violations; "
+              f"max registers {s['max_registers']}, max spill (non-fp64) {s['max_spill_bytes_non_fp64']} B, "
+              f"max SASS instructions/element (non-fp64) {s['max_instr_per_elem_non_fp64']}")
+    if args.json:
+        print(f"wrote {args.json}")
+    return 1 if bad or not rows else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import fastpo  # noqa: F401  (sets up the Triton interpreter before triton is imported)
 
@@ -170,8 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--shapes", help="override shapes, e.g. 2048x32000xbfloat16,1024x128256xfloat32")
     b.add_argument("--json", default="fastpo-bench.json", help="where to write the JSON results")
     b.add_argument("--png", help="also plot the timings to this PNG (needs matplotlib)")
+    a = sub.add_parser("aot", help="compile every Triton and CUDA kernel for sm_80/sm_90 (no GPU) and check it")
+    a.add_argument("--arch", default="80,90", help="comma-separated SM versions (default 80,90)")
+    a.add_argument("--json", help="also write the report (environment, summary, rows) as JSON")
+    a.add_argument("--python", help="compile the Triton kernels with this interpreter (another triton version)")
+    only = a.add_mutually_exclusive_group()
+    only.add_argument("--triton-only", action="store_true")
+    only.add_argument("--cuda-only", action="store_true")
     args = parser.parse_args(argv)
-    return {"verify": cmd_verify, "bench": cmd_bench}[args.command](args)
+    return {"verify": cmd_verify, "bench": cmd_bench, "aot": cmd_aot}[args.command](args)
 
 
 if __name__ == "__main__":
