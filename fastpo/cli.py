@@ -110,14 +110,14 @@ def cmd_bench(args) -> int:
     for case in collect_cases(device, args.ops, _parse_shapes(args.shapes)):
         results.append(run_case(case, device, peak))
         r = results[-1]
-        console.print(escape(f"  {r.op} {r.impl} {r.dtype} {r.shape}: {r.median_ms:.2f} ms"), highlight=False)
-    table = Table(title=f"fastpo bench ({device.type}): forward + backward, median")
-    for col in ("op", "impl", "dtype", "shape", "ms", "floor GB/s", "% peak", "peak extra MiB", "note"):
+        console.print(escape(f"  {r.op} {r.impl} {r.dtype} {r.shape}: {r.median_ms:.2f} ms (p90 {r.p90_ms:.2f})"), highlight=False)
+    table = Table(title=f"fastpo bench ({device.type}): forward + backward, median and p90 of >= 10 runs")
+    for col in ("op", "impl", "dtype", "shape", "ms", "p90 ms", "floor GB/s", "% peak", "peak extra MiB", "note"):
         table.add_column(col)
     for r in results:
         pct = "" if r.pct_of_peak is None else f"{r.pct_of_peak:.0f}%"
         mem = "n/a" if r.peak_extra_mib is None else f"{r.peak_extra_mib:.1f}"
-        table.add_row(r.op, escape(r.impl), r.dtype, r.shape, f"{r.median_ms:.2f}", f"{r.floor_gbps:.1f}", pct, mem, r.note)
+        table.add_row(r.op, escape(r.impl), r.dtype, r.shape, f"{r.median_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.floor_gbps:.1f}", pct, mem, r.note)
     console.print(table)
     payload = {"environment": _environment(args.device), "device_copy_gbps": peak,
                "results": [asdict(r) for r in results]}

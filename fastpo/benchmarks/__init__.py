@@ -2,7 +2,7 @@
 
 Each module in this package (one per op) exposes
 ``cases(device, shapes=None) -> Iterable[Case]``; the runner discovers them, times
-each case (median), measures its peak extra memory, and converts time to GB/s
+each case (median and p90 over at least 10 runs), measures its peak extra memory, and converts time to GB/s
 with the case's stated byte model. ``device_peak_gbps`` measures the device's
 copy bandwidth so results can be read as a fraction of what the memory can do.
 """
@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from ._measure import median_ms, peak_extra_bytes
+from ._measure import MIN_REPS, median_ms, peak_extra_bytes, time_stats
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Case:
     step: Callable[[], object]  # one forward + backward
     floor_bytes: int  # minimal traffic: read logits once + write the gradient once
     note: str = ""
-    reps: int = 5
+    reps: int = MIN_REPS
 
 
 @dataclass
@@ -37,6 +37,7 @@ class Result:
     dtype: str
     shape: str
     median_ms: float
+    p90_ms: float
     floor_gbps: float
     pct_of_peak: float | None
     peak_extra_mib: float | None
@@ -66,13 +67,16 @@ def op_modules() -> list[str]:
 
 
 def run_case(case: Case, device: torch.device, peak_gbps: float | None) -> Result:
-    ms = median_ms(case.step, device, warmup=1, reps=case.reps)
+    # interpreter cases (reps < 10) are correctness-at-scale runs, not speed results
+    stats = time_stats(case.step, device, warmup=1, reps=case.reps, min_reps=min(case.reps, MIN_REPS))
+    ms = stats.median_ms
     mem = peak_extra_bytes(case.step, device)
     gbps = case.floor_bytes / (ms * 1e-3) / 1e9
     return Result(
-        op=case.op, impl=case.impl, dtype=case.dtype, shape=case.shape, median_ms=ms,
+        op=case.op, impl=case.impl, dtype=case.dtype, shape=case.shape, median_ms=ms, p90_ms=stats.p90_ms,
         floor_gbps=gbps, pct_of_peak=(100 * gbps / peak_gbps) if peak_gbps else None,
         peak_extra_mib=None if mem is None else mem / 2**20, note=case.note,
+        extra={"runs": stats.runs, "min_ms": stats.min_ms, "compact_stalls": stats.compact_stalls},
     )
 
 

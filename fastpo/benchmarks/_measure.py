@@ -97,9 +97,11 @@ def _p90(sorted_times: list[float]) -> float:
     return sorted_times[min(len(sorted_times) - 1, max(0, -(-9 * len(sorted_times) // 10) - 1))]
 
 
-def time_stats(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, reps: int = MIN_REPS) -> TimeStats:
-    """Wall time of ``fn`` over ``max(reps, 10)`` runs after ``warmup``: median, p90, min (ms)."""
-    reps = max(int(reps), MIN_REPS)
+def time_stats(fn: Callable[[], object], device: torch.device, *, warmup: int = 1, reps: int = MIN_REPS,
+               min_reps: int = MIN_REPS) -> TimeStats:
+    """Wall time of ``fn`` over ``max(reps, min_reps)`` runs after ``warmup``: median, p90, min
+    (ms). ``min_reps`` is lowered only for runs that are not speed results (the interpreter)."""
+    reps = max(int(reps), int(min_reps), 1)
     for _ in range(warmup):
         fn()
     times = []
