@@ -101,7 +101,9 @@ void bind_ops(pybind11::module_& m, const OpTable<Last> ops, const char* last) {
       py::arg("stride_t"), py::arg("grad_stride_b"), py::arg("grad_stride_t"), py::arg("dtype_code"),
       py::arg("temperature"), py::arg("ignore_index"), py::arg("average"), py::arg(last));
 
-  // ref_ptr = 0: no KL term; grad_ptr = 0: no gradient.
+  // ref_ptr = 0: no KL term; grad_ptr = 0: no gradient; policy_w_ptr / kl_w_ptr / ent_w_ptr = 0:
+  // policy weight 1, KL and entropy gradient weights = weight. The new arguments follow
+  // ignore_index (before the last one) and have no defaults, like the others.
   m.def(
       "policy_loss_fwd",
       [ops](u logits, u labels, u old, u adv, u ref, u weight, u loss, u logp, u entropy, u grad, int64_t n_rows,
@@ -109,13 +111,16 @@ void bind_ops(pybind11::module_& m, const OpTable<Last> ops, const char* last) {
             int64_t grad_stride1, int dtype, int variant, double clip_low,
             double clip_high, double ratio_cap, double dual_clip, double logratio_clamp, int kl_kind,
             bool kl_straight, double kl_clamp, double kl_coef, double entropy_coef, double temperature,
-            int64_t ignore_index, Last last_arg) {
-        const PolicyParams params{variant,  clip_low,    clip_high, ratio_cap, dual_clip,   logratio_clamp,
-                                  kl_kind,  kl_straight, kl_clamp,  kl_coef,   entropy_coef};
+            int64_t ignore_index, double sapo_tau_pos, double sapo_tau_neg, bool kl_weighted, u policy_w, u kl_w,
+            u ent_w, Last last_arg) {
+        const PolicyParams params{variant,  clip_low,    clip_high, ratio_cap, dual_clip,    logratio_clamp,
+                                  kl_kind,  kl_straight, kl_clamp,  kl_coef,   entropy_coef, sapo_tau_pos,
+                                  sapo_tau_neg, kl_weighted};
         ops.policy_fwd(PolicyFwdArgs{as_ptr<const void>(logits), as_ptr<const int64_t>(labels),
                                      as_ptr<const void>(old), as_ptr<const void>(adv), as_ptr<const void>(ref),
-                                     as_ptr<const void>(weight), as_ptr<void>(loss), as_ptr<void>(logp),
-                                     as_ptr<void>(entropy), as_ptr<void>(grad), n_rows, vocab,
+                                     as_ptr<const void>(weight), as_ptr<const void>(policy_w),
+                                     as_ptr<const void>(kl_w), as_ptr<const void>(ent_w), as_ptr<void>(loss),
+                                     as_ptr<void>(logp), as_ptr<void>(entropy), as_ptr<void>(grad), n_rows, vocab,
                                      layout(n_cols, stride0, stride1), layout(n_cols, grad_stride0, grad_stride1),
                                      dtype, params, temperature, ignore_index},
                        last_arg);
@@ -127,7 +132,8 @@ void bind_ops(pybind11::module_& m, const OpTable<Last> ops, const char* last) {
       py::arg("variant"), py::arg("clip_low"),
       py::arg("clip_high"), py::arg("ratio_cap"), py::arg("dual_clip"), py::arg("logratio_clamp"),
       py::arg("kl_kind"), py::arg("kl_straight"), py::arg("kl_clamp"), py::arg("kl_coef"), py::arg("entropy_coef"),
-      py::arg("temperature"), py::arg("ignore_index"), py::arg(last));
+      py::arg("temperature"), py::arg("ignore_index"), py::arg("sapo_tau_pos"), py::arg("sapo_tau_neg"),
+      py::arg("kl_weighted"), py::arg("policy_w_ptr"), py::arg("kl_w_ptr"), py::arg("ent_w_ptr"), py::arg(last));
 }
 
 }  // namespace fastpo

@@ -97,11 +97,13 @@ struct SeqBwdArgs {
 // Hyper-parameters of the fused policy loss (fastpo.kernels.policy_args.PolicyKernelArgs);
 // disabled limits are +inf. Per-token math: policy_math.h.
 struct PolicyParams {
-  int variant;  // 0 ppo, 2 cispo
+  int variant;  // 0 ppo, 2 cispo, 3 sapo, 4 pg
   double clip_low, clip_high, ratio_cap, dual_clip, logratio_clamp;
   int kl_kind;  // 0 none, 1 k1, 2 k2, 3 k3, 4 abs
   bool kl_straight;
   double kl_clamp, kl_coef, entropy_coef;
+  double sapo_tau_pos, sapo_tau_neg;  // sapo: the gate's temperature where A > 0 resp. A <= 0
+  bool kl_weighted;                   // the KL term times the ratio r
 };
 
 // Per-token inputs old / adv / ref / weight and the outputs are in the
@@ -113,6 +115,12 @@ struct PolicyFwdArgs {
   const void* adv;        // [N] per-token advantages
   const void* ref_logp;   // [N], or nullptr (read only when params.kl_kind != 0)
   const void* weight;     // [N] d loss / d per-token loss (aggregation weight)
+  // Optional per-token weights, each [N] or nullptr (then 1, weight, weight): the policy
+  // term's factor inside the per-token loss, and the weights of the KL and entropy
+  // terms' gradients in place of `weight`.
+  const void* policy_w;   // [N] L = policy_w S + ..., or nullptr (1)
+  const void* kl_w;       // [N] gradient weight of the KL term, or nullptr (weight)
+  const void* ent_w;      // [N] gradient weight of the entropy term, or nullptr (weight)
   void* loss;             // [N] out: per-token loss
   void* logp;             // [N] out
   void* entropy;          // [N] out

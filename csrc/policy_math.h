@@ -1,6 +1,7 @@
 // Per-token math of the fused policy loss, shared by the CPU (.cpp) and CUDA
-// (.cu) kernels: the clipped surrogate (ppo with TRL's ratio cap and the dual
-// clip, cispo), the KL penalty estimators and the entropy bonus, as values and
+// (.cu) kernels: the surrogate (ppo clipped with TRL's ratio cap and the dual
+// clip, cispo, sapo's soft gate, plain pg), the KL penalty estimators (optionally
+// importance-weighted by the ratio) and the entropy bonus, as values and
 // derivatives d L / d logp. Mirrors fastpo/kernels/policy_loss.py (_surrogate,
 // _kl_term, _clamp_with_grad) and, through it, PyTorch's autograd of the
 // reference: clamp passes the gradient on the closed interval [lo, hi];
@@ -13,23 +14,25 @@
 
 namespace fastpo {
 
-enum PolicyVariant : int { kPpo = 0, kCispo = 2 };
+enum PolicyVariant : int { kPpo = 0, kCispo = 2, kSapo = 3, kPg = 4 };
 enum KlKind : int { kKlNone = 0, kKlK1 = 1, kKlK2 = 2, kKlK3 = 3, kKlAbs = 4 };
 
 // The hyper-parameters in the accumulation type; disabled limits are +inf.
 template <typename acc_t>
 struct PolicyCoefs {
   int variant, kl_kind;
-  bool kl_straight, has_dual;
+  bool kl_straight, has_dual, kl_weighted;
   acc_t clip_lo, clip_hi;  // 1 - clip_low, 1 + clip_high
   acc_t ratio_cap, dual_clip, logratio_clamp;
   acc_t kl_clamp, kl_coef, entropy_coef;
+  acc_t sapo_tau_pos, sapo_tau_neg;  // sapo: the gate's temperature where A > 0 resp. A <= 0
 
   FASTPO_HD static PolicyCoefs from(const PolicyParams& p) {
     PolicyCoefs c;
     c.variant = p.variant;
     c.kl_kind = p.kl_kind;
     c.kl_straight = p.kl_straight;
+    c.kl_weighted = p.kl_weighted;
     c.has_dual = !(p.dual_clip == double(INFINITY));
     c.clip_lo = acc_t(1.0 - p.clip_low);
     c.clip_hi = acc_t(1.0 + p.clip_high);
@@ -39,6 +42,8 @@ struct PolicyCoefs {
     c.kl_clamp = acc_t(p.kl_clamp);
     c.kl_coef = acc_t(p.kl_coef);
     c.entropy_coef = acc_t(p.entropy_coef);
+    c.sapo_tau_pos = acc_t(p.sapo_tau_pos);
+    c.sapo_tau_neg = acc_t(p.sapo_tau_neg);
     return c;
   }
 };
@@ -46,7 +51,7 @@ struct PolicyCoefs {
 // Host-side check of the codes before a launch (the kernels would treat an
 // unknown KL kind as abs and an unknown variant as ppo).
 inline void check_policy_params(const PolicyParams& p) {
-  if (p.variant != kPpo && p.variant != kCispo) throw std::invalid_argument("fastpo: unknown policy variant code");
+  if (p.variant != kPpo && p.variant != kCispo && p.variant != kSapo && p.variant != kPg) throw std::invalid_argument("fastpo: unknown policy variant code");
   if (p.kl_kind < kKlNone || p.kl_kind > kKlAbs) throw std::invalid_argument("fastpo: unknown KL estimator code");
 }
 
@@ -72,12 +77,32 @@ FASTPO_HD acc_t max_grad(acc_t a, acc_t b, acc_t ga, acc_t gb) {
   return a > b ? ga : (a < b ? gb : acc_t(0.5) * (ga + gb));
 }
 
-// Clipped policy-gradient loss of one token and d / d logp.
+// sigmoid(x) without overflow: exp of a non-positive argument only.
 template <typename acc_t>
-FASTPO_HD ValGrad<acc_t> policy_surrogate(acc_t logp, acc_t old, acc_t adv, const PolicyCoefs<acc_t>& c) {
+FASTPO_HD acc_t stable_sigmoid(acc_t x) {
+  if (x >= acc_t(0)) return acc_t(1) / (acc_t(1) + acc_exp(-x));
+  const acc_t e = acc_exp(x);
+  return e / (acc_t(1) + e);
+}
+
+// The importance ratio r = exp(clamp(logp - old)) and d r / d logp.
+template <typename acc_t>
+FASTPO_HD ValGrad<acc_t> policy_ratio(acc_t logp, acc_t old, const PolicyCoefs<acc_t>& c) {
   const ValGrad<acc_t> lr = clamp_with_grad(logp - old, acc_t(1), -c.logratio_clamp, c.logratio_clamp);
   const acc_t ratio = acc_exp(lr.v);
-  const acc_t d_ratio = ratio * lr.d;
+  return {ratio, ratio * lr.d};
+}
+
+// Policy-gradient loss of one token and d / d logp, given the ratio r (value, d r / d logp).
+template <typename acc_t>
+FASTPO_HD ValGrad<acc_t> policy_surrogate(acc_t logp, ValGrad<acc_t> r, acc_t adv, const PolicyCoefs<acc_t>& c) {
+  const acc_t ratio = r.v, d_ratio = r.d;
+  if (c.variant == kPg) return {-adv * logp, -adv};  // -A logp
+  if (c.variant == kSapo) {  // -A (4 / tau) sigmoid(tau (r - 1)), tau by the sign of A
+    const acc_t tau = adv > acc_t(0) ? c.sapo_tau_pos : c.sapo_tau_neg;
+    const acc_t s = stable_sigmoid(tau * (ratio - acc_t(1)));
+    return {-adv * (acc_t(4) / tau) * s, -adv * acc_t(4) * s * (acc_t(1) - s) * d_ratio};
+  }
   const ValGrad<acc_t> clipped = clamp_with_grad(ratio, d_ratio, c.clip_lo, c.clip_hi);
   if (c.variant == kCispo) return {-clipped.v * adv * logp, -clipped.v * adv};  // -sg[clip(r)] A logp
   const ValGrad<acc_t> unclipped = clamp_with_grad(ratio, d_ratio, acc_t(-INFINITY), c.ratio_cap);
@@ -113,20 +138,42 @@ FASTPO_HD ValGrad<acc_t> kl_term(acc_t d, const PolicyCoefs<acc_t>& c) {
   return kl;
 }
 
-// Per-token loss L = surrogate + kl_coef KL - entropy_coef H and d L / d logp
-// (H enters the gradient through the softmax, not through logp). `ref` is read
-// only when c.kl_kind != 0.
+// One token's loss and the two parts of its derivative, weighted separately by the kernels.
 template <typename acc_t>
-FASTPO_HD ValGrad<acc_t> policy_token_loss(acc_t logp, acc_t entropy, acc_t old, acc_t adv, acc_t ref,
-                                           const PolicyCoefs<acc_t>& c) {
-  ValGrad<acc_t> out = policy_surrogate(logp, old, adv, c);
+struct PolicyToken {
+  acc_t v;       // L = pw S + kl_coef K - entropy_coef H
+  acc_t d_pol;   // pw d S / d logp
+  acc_t d_kl;    // kl_coef d K / d logp (0 without a KL term)
+  acc_t d;       // d_pol + d_kl (d_pol without a KL term): d L / d logp
+};
+
+// Per-token loss L = pw surrogate + kl_coef K - entropy_coef H and its derivatives
+// in logp (H enters the gradient through the softmax, not through logp), where K is
+// the KL estimate, times the ratio r when c.kl_weighted. `ref` is read only when
+// c.kl_kind != 0; pw is the token's policy weight (1 by default). The gradient
+// coefficient of logp is then w d_pol + w_kl d_kl (policy_grad_coef).
+template <typename acc_t>
+FASTPO_HD PolicyToken<acc_t> policy_token_loss(acc_t logp, acc_t entropy, acc_t old, acc_t adv, acc_t ref, acc_t pw,
+                                               const PolicyCoefs<acc_t>& c) {
+  const ValGrad<acc_t> r = policy_ratio(logp, old, c);
+  const ValGrad<acc_t> sur = policy_surrogate(logp, r, adv, c);
+  PolicyToken<acc_t> out{pw * sur.v, pw * sur.d, acc_t(0), pw * sur.d};
   if (c.kl_kind != kKlNone) {
-    const ValGrad<acc_t> kl = kl_term(logp - ref, c);
+    ValGrad<acc_t> kl = kl_term(logp - ref, c);
+    if (c.kl_weighted) kl = {kl.v * r.v, kl.d * r.v + kl.v * r.d};  // d (K r) = K' r + K r'
     out.v += c.kl_coef * kl.v;
-    out.d += c.kl_coef * kl.d;
+    out.d_kl = c.kl_coef * kl.d;
+    out.d += out.d_kl;
   }
   if (c.entropy_coef != acc_t(0)) out.v -= c.entropy_coef * entropy;
   return out;
+}
+
+// d (sum_t w_t L_t) / d logp_t with the KL part weighted by w_kl instead of w; without
+// separate KL weights (has_kl_w false) the same as today's w (d_pol + d_kl).
+template <typename acc_t>
+FASTPO_HD acc_t policy_grad_coef(const PolicyToken<acc_t>& tok, acc_t w, bool has_kl_w, acc_t w_kl) {
+  return has_kl_w ? w * tok.d_pol + w_kl * tok.d_kl : w * tok.d;
 }
 
 }  // namespace fastpo

@@ -2,7 +2,9 @@
 //   pass 1  (m, s, t) of the row -> lse, H, logp = x_y - lse          (row_stats)
 //           per-token loss L and dL/dlogp                             (policy_math.h)
 //   pass 2  grad_j = (1/tau)[g_lp (1[j=y] - p_j) - g_H p_j (log p_j + H)]  (row_grad)
-//           with g_lp = w dL/dlogp and g_H = -w entropy_coef, w the token's aggregation weight.
+//           with g_lp = w dS/dlogp + w_kl dK/dlogp (S the policy term times policy_w, K the
+//           KL term times kl_coef) and g_H = -w_H entropy_coef, w the token's aggregation
+//           weight and w_kl, w_H the optional KL / entropy weights (default w).
 // Both passes run back to back on one row, so the second read mostly hits the
 // cache. Ignored rows (y == ignore_index) are never read: L = logp = H = 0 and a
 // zero gradient row; nor are rows whose label is outside [0, V): NaN, NaN gradient. Same row kernels as token_logprobs (row_kernels.h).
@@ -24,6 +26,9 @@ void policy_rows(const PolicyFwdArgs& a, int num_threads) {
   const acc_t* adv = static_cast<const acc_t*>(a.adv);
   const acc_t* ref = static_cast<const acc_t*>(a.ref_logp);
   const acc_t* weight = static_cast<const acc_t*>(a.weight);
+  const acc_t* policy_w = static_cast<const acc_t*>(a.policy_w);  // each nullptr or [N]
+  const acc_t* kl_w = static_cast<const acc_t*>(a.kl_w);
+  const acc_t* ent_w = static_cast<const acc_t*>(a.ent_w);
   acc_t* loss = static_cast<acc_t*>(a.loss);
   acc_t* logp = static_cast<acc_t*>(a.logp);
   acc_t* entropy = static_cast<acc_t*>(a.entropy);
@@ -49,8 +54,9 @@ void policy_rows(const PolicyFwdArgs& a, int num_threads) {
     const SoftmaxState<acc_t> st = k.stats(row, a.vocab, inv_tau);
     const acc_t row_lse = st.lse(), row_entropy = st.entropy();
     const acc_t lp = load_acc<acc_t>(row[y]) * inv_tau - row_lse;
-    const ValGrad<acc_t> tok =
-        policy_token_loss(lp, row_entropy, old[i], adv[i], coefs.kl_kind != kKlNone ? ref[i] : acc_t(0), coefs);
+    const PolicyToken<acc_t> tok =
+        policy_token_loss(lp, row_entropy, old[i], adv[i], coefs.kl_kind != kKlNone ? ref[i] : acc_t(0),
+                          policy_w != nullptr ? policy_w[i] : acc_t(1), coefs);
     loss[i] = tok.v;
     logp[i] = lp;
     entropy[i] = row_entropy;
@@ -59,8 +65,8 @@ void policy_rows(const PolicyFwdArgs& a, int num_threads) {
     RowGrad<acc_t> c;
     c.lse = row_lse;
     c.entropy = row_entropy;
-    c.g_lp = w * tok.d;
-    c.g_H = -w * coefs.entropy_coef;
+    c.g_lp = policy_grad_coef(tok, w, kl_w != nullptr, kl_w != nullptr ? kl_w[i] : w);
+    c.g_H = -(ent_w != nullptr ? ent_w[i] : w) * coefs.entropy_coef;
     c.inv_tau = inv_tau;
     c.label = y;
     c.has_entropy_grad = has_entropy_grad;

@@ -2,7 +2,9 @@
 //   pass 1  (m, s, t) of the row -> lse, H, logp = x_y - lse     (thread_row_state + block_merge)
 //           per-token loss L and dL/dlogp, in every thread        (policy_math.h; no broadcast needed)
 //   pass 2  grad_j = (1/tau)[g_lp (1[j=y] - p_j) - g_H p_j (log p_j + H)]      (row_grad)
-//           with g_lp = w dL/dlogp and g_H = -w entropy_coef, w the token's aggregation weight.
+//           with g_lp = w dS/dlogp + w_kl dK/dlogp (S the policy term times policy_w, K the
+//           KL term times kl_coef) and g_H = -w_H entropy_coef, w the token's aggregation
+//           weight and w_kl, w_H the optional KL / entropy weights (default w).
 // The label's logit is read before block_merge, whose barrier orders that read
 // before any thread overwrites the row (grad may equal the logits). Ignored rows
 // (y == ignore_index) are not read: L = logp = H = 0 and a zero gradient row; nor
@@ -25,6 +27,9 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) policy_loss_fwd_kerne
     const acc_of<T>* __restrict__ adv,       // [N] advantages (per token)
     const acc_of<T>* __restrict__ ref,       // [N] reference log-probs (read when coefs.kl_kind != 0)
     const acc_of<T>* __restrict__ weight,    // [N] aggregation weight (read when kWriteGrad)
+    const acc_of<T>* __restrict__ policy_w,  // [N] policy-term factor, or nullptr (1)
+    const acc_of<T>* __restrict__ kl_w,      // [N] KL gradient weight, or nullptr (weight; read when kWriteGrad)
+    const acc_of<T>* __restrict__ ent_w,     // [N] entropy gradient weight, or nullptr (weight; kWriteGrad)
     acc_of<T>* __restrict__ loss,            // [N] out
     acc_of<T>* __restrict__ logp,            // [N] out
     acc_of<T>* __restrict__ entropy,         // [N] out
@@ -45,8 +50,9 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) policy_loss_fwd_kerne
   const SoftmaxState<acc_t> st = block_merge(thread_row_state<T, kUnrollPolicy<T>>(row, vocab, inv_tau));
   const acc_t row_lse = st.lse(), row_entropy = st.entropy();
   const acc_t lp = z_y * inv_tau - row_lse;
-  const ValGrad<acc_t> tok = policy_token_loss(lp, row_entropy, old[rowi], adv[rowi],
-                                               coefs.kl_kind != kKlNone ? ref[rowi] : acc_t(0), coefs);
+  const PolicyToken<acc_t> tok =
+      policy_token_loss(lp, row_entropy, old[rowi], adv[rowi], coefs.kl_kind != kKlNone ? ref[rowi] : acc_t(0),
+                        policy_w != nullptr ? policy_w[rowi] : acc_t(1), coefs);
   if (threadIdx.x == 0) {
     loss[rowi] = tok.v;
     logp[rowi] = lp;
@@ -58,8 +64,8 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks) policy_loss_fwd_kerne
     c.inv_tau = inv_tau;
     c.lse = row_lse;
     c.entropy = row_entropy;
-    c.g_lp = w * tok.d * inv_tau;
-    c.g_H = -w * coefs.entropy_coef * inv_tau;
+    c.g_lp = policy_grad_coef(tok, w, kl_w != nullptr, kl_w != nullptr ? kl_w[rowi] : w) * inv_tau;
+    c.g_H = -(ent_w != nullptr ? ent_w[rowi] : w) * coefs.entropy_coef * inv_tau;
     c.label = y;
     row_grad<T, kUnrollPolicy<T>, kHasEntropyGrad>(row, grad + grad_layout.offset(rowi), vocab, c);
   }
@@ -73,6 +79,7 @@ void launch(const PolicyFwdArgs& a, const PolicyCoefs<acc_of<T>>& coefs, cudaStr
   kernel<<<grid_for(a.n_rows), threads_for(a.vocab, sizeof(T)), 0, stream>>>(
       static_cast<const T*>(a.logits), a.labels, static_cast<const acc_t*>(a.old_logp),
       static_cast<const acc_t*>(a.adv), static_cast<const acc_t*>(a.ref_logp), static_cast<const acc_t*>(a.weight),
+      static_cast<const acc_t*>(a.policy_w), static_cast<const acc_t*>(a.kl_w), static_cast<const acc_t*>(a.ent_w),
       static_cast<acc_t*>(a.loss), static_cast<acc_t*>(a.logp), static_cast<acc_t*>(a.entropy),
       static_cast<T*>(a.grad), a.vocab, a.layout, a.grad_layout, acc_t(1.0 / a.temperature),
       a.ignore_index, coefs);

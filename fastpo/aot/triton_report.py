@@ -256,14 +256,15 @@ def _cases():
         return lambda: tk.token_logprobs_bwd(x, torch.zeros(n, dtype=torch.long), vec, vec, vec,
                                              vec if has_ge else None, 0.7, -100, out)
 
-    def policy(dtype, v, layout, config, write_grad, has_ref, inplace=False, **_):
+    def policy(dtype, v, layout, config, write_grad, has_ref, inplace=False, weights=False, **_):
         x = _logits(dtype, v, layout)
         n = x.numel() // v
         vec = torch.zeros(n, dtype=acc(dtype))
         args = PolicyKernelArgs.from_config(config, has_ref=has_ref, ignore_index=-100)
         grad = (x if inplace else torch.empty(x.shape, dtype=x.dtype)) if write_grad else None
+        w = vec if weights else None  # policy_w, kl_w, ent_w
         return lambda: pl.policy_loss_fwd(x, torch.zeros(n, dtype=torch.long), vec, vec,
-                                          vec if has_ref else None, vec, args, grad)
+                                          vec if has_ref else None, vec, args, grad, w, w, w)
 
     main_policy = [  # (name, config, write_grad, has_ref): the two hot-loop shapes
         ("ppo+entropy,grad", PolicyLossConfig(entropy_coef=0.01), True, False),
@@ -276,6 +277,12 @@ def _cases():
         ("ppo+k2+,grad", PolicyLossConfig(kl_coef=0.1, kl_estimator="k2+"), True, True),
         ("ppo+abs,grad", PolicyLossConfig(kl_coef=0.1, kl_estimator="abs"), True, True),
         ("cispo+entropy,nograd", PolicyLossConfig(variant="cispo", entropy_coef=0.01), False, False),
+        ("sapo+entropy,grad", PolicyLossConfig(variant="sapo", entropy_coef=0.01), True, False),
+        ("pg,grad", PolicyLossConfig(variant="pg"), True, False),
+    ]
+    weighted_policy = [  # token-local weights policy_w, kl_w, ent_w and the ratio-weighted KL
+        ("ppo+k3w+entropy,grad,weights", PolicyLossConfig(kl_coef=0.1, kl_estimator="k3", kl_importance_weighted=True,
+                                                          entropy_coef=0.01), True, True),
     ]
     cases = []
     for dtype in DTYPES:
@@ -294,6 +301,9 @@ def _cases():
                       policy(dtype, v, "3d-shift", *main_policy[0][1:], inplace=True)))
         for name, cfg, wg, ref in other_policy:
             cases.append(("policy_loss_fwd", f"3d-shift,{name}", dtype, v, policy(dtype, v, "3d-shift", cfg, wg, ref)))
+        for name, cfg, wg, ref in weighted_policy:
+            cases.append(("policy_loss_fwd", f"3d-shift,{name}", dtype, v,
+                          policy(dtype, v, "3d-shift", cfg, wg, ref, weights=True)))
         for layout in ("2d", "misaligned-base", "odd-stride"):
             cases.append(("token_logprobs_fwd", layout, dtype, v, token_fwd(dtype, v, layout)))
             cases.append(("token_logprobs_bwd", f"{layout},HAS_GRAD_ENTROPY=1", dtype, v, token_bwd(dtype, v, layout, True)))

@@ -293,10 +293,15 @@ def policy_loss_fwd(
     weight: torch.Tensor,  # [N] d loss / d per_token_loss
     args,  # fastpo.kernels.policy_args.PolicyKernelArgs (read by field name)
     grad_out: torch.Tensor | None,  # logits' shape and dtype, own strides (may be `logits`), or None
+    policy_w: torch.Tensor | None = None,  # [N] factor of the policy term in the per-token loss; None: 1
+    kl_w: torch.Tensor | None = None,  # [N] gradient weight of the KL term; None: weight
+    ent_w: torch.Tensor | None = None,  # [N] gradient weight of the entropy term; None: weight
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused policy loss (csrc/policy_math.h): ``(per_token_loss, logp, entropy)``, [N] each,
-    fp32 (fp64 for fp64 logits); with ``grad_out``, dL/dlogits of ``sum(weight * loss)`` is written
-    there during this call. Same signature as the Triton launcher
+    fp32 (fp64 for fp64 logits), per_token_loss = policy_w * S + kl_coef * K - entropy_coef * H;
+    with ``grad_out``, dL/dlogits is written there during this call, of
+    ``sum(weight * policy_w * S) + sum(kl_w * kl_coef * K) - sum(ent_w * entropy_coef * H)``
+    (``sum(weight * loss)`` with the defaults). Same signature as the Triton launcher
     (``fastpo.kernels.policy_loss.policy_loss_fwd``)."""
     n, v, c, s0, s1 = _rows(logits)
     code = _dtype_code(logits)
@@ -312,18 +317,27 @@ def policy_loss_fwd(
     labels = _vec(labels, torch.int64)
     old, adv, w = _vec(old_logprobs, acc), _vec(advantages, acc), _vec(weight, acc)
     ref = None if ref_logprobs is None or args.kl_kind == 0 else _vec(ref_logprobs, acc)
+    pw = None if policy_w is None else _vec(policy_w, acc)
+    klw = None if kl_w is None or ref is None else _vec(kl_w, acc)
+    entw = None if ent_w is None else _vec(ent_w, acc)
     if grad_out is not None:
         _advise_huge_pages(grad_out, logits)
+
+    def ptr(t: torch.Tensor | None) -> int:
+        return 0 if t is None else t.data_ptr()
+
     with _device_guard(logits):
         mod, last = _module(logits.device)
         mod.policy_loss_fwd(
             logits.data_ptr(), labels.data_ptr(), old.data_ptr(), adv.data_ptr(),
-            0 if ref is None else ref.data_ptr(), w.data_ptr(), loss.data_ptr(), logp.data_ptr(),
-            entropy.data_ptr(), 0 if grad_out is None else grad_out.data_ptr(),
+            ptr(ref), w.data_ptr(), loss.data_ptr(), logp.data_ptr(),
+            entropy.data_ptr(), ptr(grad_out),
             n, v, c, s0, s1, g0, g1, code,
             int(args.variant), float(args.clip_low), float(args.clip_high), float(args.ratio_cap),
             float(args.dual_clip), float(args.logratio_clamp), int(args.kl_kind), bool(args.kl_straight),
             float(args.kl_clamp), float(args.kl_coef), float(args.entropy_coef), float(args.temperature),
-            int(args.ignore_index), last,
+            int(args.ignore_index),
+            float(getattr(args, "sapo_tau_pos", 1.0)), float(getattr(args, "sapo_tau_neg", 1.05)),
+            bool(getattr(args, "kl_weighted", False)), ptr(pw), ptr(klw), ptr(entw), last,
         )
     return loss, logp, entropy

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 __all__ = ["PolicyKernelArgs", "KL_KINDS", "VARIANT_CODES", "INF"]
 
-VARIANT_CODES = {"ppo": 0, "cispo": 2}
+VARIANT_CODES = {"ppo": 0, "cispo": 2, "sapo": 3, "pg": 4}
 KL_KINDS = {"k1": 1, "k2": 2, "k3": 3, "abs": 4}
 INF = float("inf")
 
@@ -32,6 +32,9 @@ class PolicyKernelArgs:
     entropy_coef: float
     temperature: float
     ignore_index: int
+    sapo_tau_pos: float = 1.0  # sapo: tau where A > 0
+    sapo_tau_neg: float = 1.05  # sapo: tau where A <= 0
+    kl_weighted: bool = False  # KL term times the ratio r (kl_importance_weighted)
 
     @classmethod
     def from_config(cls, config, *, has_ref: bool, ignore_index: int) -> "PolicyKernelArgs":
@@ -48,4 +51,7 @@ class PolicyKernelArgs:
             kl_straight=config.kl_estimator.endswith("+"), kl_clamp=inf_if_none(config.kl_clamp),
             kl_coef=float(config.kl_coef), entropy_coef=float(config.entropy_coef),
             temperature=float(config.temperature), ignore_index=int(ignore_index),
+            sapo_tau_pos=float(getattr(config, "sapo_tau_pos", 1.0)),
+            sapo_tau_neg=float(getattr(config, "sapo_tau_neg", 1.05)),
+            kl_weighted=bool(getattr(config, "kl_importance_weighted", False)) and use_kl,
         )

@@ -1,10 +1,17 @@
-"""Triton kernel of the fused PPO-family policy loss (variants "ppo" and "cispo").
+"""Triton kernel of the fused token-local policy loss (variants "ppo", "cispo", "sapo", "pg").
 
 One program per token row. The label's logit is read first; pass 1
-(``row_softmax_stats``) gives the logsumexp and entropy, hence logp. Then, per token, the ratio, the clipped
-surrogate (asymmetric clip, TRL's ratio cap, dual clip), the KL penalty and the
-entropy bonus — values and their derivatives d L / d logp. Because the
-aggregation weight ``w`` of every token is known before the kernel runs, pass 2
+(``row_softmax_stats``) gives the logsumexp and entropy, hence logp. Then, per token, the ratio
+r (after the optional log-ratio clamp), the surrogate S of the variant (ppo: asymmetric clip,
+TRL's ratio cap, dual clip; cispo: -sg[clip(r)] A logp; sapo: -A (4/tau) sigmoid(tau (r - 1));
+pg: -A logp), the KL penalty K (times r when KL_WEIGHTED) and the entropy bonus — values and
+their derivatives d / d logp:
+
+    per_token_loss = pw S + kl_coef K - entropy_coef H
+    dL/dlogp = w pw S' + klw kl_coef K',   dL/dH = -entw entropy_coef
+
+with pw = policy_w (1 when absent), klw = kl_w and entw = ent_w (w, the aggregation weight,
+when absent). Because these weights are known before the kernel runs, pass 2
 (``store_softmax_grad``) writes dL/dlogits right away, into a buffer or over the
 logits themselves; the backward only scales by the upstream scalar.
 
@@ -40,17 +47,34 @@ def _clamp_with_grad(x, dx, lo, hi):
 
 
 @triton.jit
-def _surrogate(logp, old, adv, clip_low, clip_high, ratio_cap, dual_clip, logratio_clamp,
-               VARIANT: tl.constexpr, HAS_DUAL: tl.constexpr):
-    """Per-token clipped policy-gradient loss L and dL/dlogp (scalars)."""
+def _ratio(logp, old, logratio_clamp):
+    """r = exp(clamp(logp - old, -c, c)) and dr/dlogp (scalars)."""
     log_ratio, d_lr = _clamp_with_grad(logp - old, 1.0, -logratio_clamp, logratio_clamp)
     ratio = tl.exp(log_ratio)
-    d_ratio = ratio * d_lr
-    clipped, d_clipped = _clamp_with_grad(ratio, d_ratio, 1.0 - clip_low, 1.0 + clip_high)
-    if VARIANT == 2:  # cispo: -sg[clip(r)] * A * logp
+    return ratio, ratio * d_lr
+
+
+@triton.jit
+def _surrogate(logp, ratio, d_ratio, adv, clip_low, clip_high, ratio_cap, dual_clip, tau_pos, tau_neg,
+               VARIANT: tl.constexpr, HAS_DUAL: tl.constexpr):
+    """Per-token policy-gradient loss S and dS/dlogp (scalars) of the variant."""
+    if VARIANT == 4:  # pg: -A * logp
+        loss = -adv * logp
+        d_loss = -adv
+    elif VARIANT == 3:  # sapo: -A * (4 / tau) * sigmoid(tau * (r - 1))
+        tau = tl.where(adv > 0, tau_pos, tau_neg)
+        z = tau * (ratio - 1.0)
+        e = tl.exp(-tl.abs(z))  # in (0, 1]: no overflow for any z
+        inv = 1.0 / (1.0 + e)
+        sig = tl.where(z >= 0, inv, e * inv)
+        loss = -adv * (4.0 / tau) * sig
+        d_loss = -adv * 4.0 * (e * inv * inv) * d_ratio  # sigmoid' = s (1 - s) = e / (1 + e)^2
+    elif VARIANT == 2:  # cispo: -sg[clip(r)] * A * logp
+        clipped = tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
         loss = -clipped * adv * logp
         d_loss = -clipped * adv
     else:
+        clipped, d_clipped = _clamp_with_grad(ratio, d_ratio, 1.0 - clip_low, 1.0 + clip_high)
         unclipped, d_unclipped = _clamp_with_grad(ratio, d_ratio, -float("inf"), ratio_cap)
         pg1 = -adv * unclipped
         pg2 = -adv * clipped
@@ -99,6 +123,9 @@ def _policy_loss_fwd_kernel(
     adv_ptr,  # [N] fp32 advantages (per token)
     ref_ptr,  # [N] fp32 reference log-probs (read only when KL_KIND > 0)
     weight_ptr,  # [N] fp32 d loss / d per_token_loss (aggregation weight, 0 where masked)
+    policy_w_ptr,  # [N] (HAS_POLICY_W) factor pw of the policy term, in the loss and its gradient
+    kl_w_ptr,  # [N] (HAS_KL_W) gradient weight of the KL term (else weight)
+    ent_w_ptr,  # [N] (HAS_ENT_W) gradient weight of the entropy term (else weight)
     loss_ptr,  # [N] out: per-token loss
     logp_ptr,  # [N] out: log-prob of the label
     entropy_ptr,  # [N] out: entropy
@@ -113,6 +140,8 @@ def _policy_loss_fwd_kernel(
     # runtime hyper-parameters
     clip_low, clip_high, ratio_cap, dual_clip, logratio_clamp,
     kl_clamp, kl_coef, entropy_coef,
+    sapo_tau_pos: tl.float64,  # sapo gate temperatures (float64 on the host, used in ACC)
+    sapo_tau_neg: tl.float64,
     inv_t: tl.float64,  # 1 / temperature, from the host
     k: tl.float64,  # log2(e) / temperature
     ignore_index,
@@ -122,7 +151,11 @@ def _policy_loss_fwd_kernel(
     HAS_DUAL: tl.constexpr,
     KL_KIND: tl.constexpr,
     KL_STRAIGHT: tl.constexpr,
+    KL_WEIGHTED: tl.constexpr,  # KL term times the ratio r (kl_importance_weighted)
     HAS_ENTROPY_TERM: tl.constexpr,
+    HAS_POLICY_W: tl.constexpr,
+    HAS_KL_W: tl.constexpr,
+    HAS_ENT_W: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
 ):
     ACC: tl.constexpr = tl.float64 if logits_ptr.dtype.element_ty == tl.float64 else tl.float32
@@ -152,14 +185,27 @@ def _policy_loss_fwd_kernel(
     lse2, entropy = row_softmax_stats(row_ptr, V, kk, BLOCK_V)
     logp = tl.fma(x_label, kk, -lse2) * LN2
 
+    # Everything per token below is read after pass 1 (scalars: nothing live across the loop).
+    ratio, d_ratio = _ratio(logp, tl.load(old_ptr + row), logratio_clamp)
     loss, d_loss = _surrogate(
-        logp, tl.load(old_ptr + row), tl.load(adv_ptr + row),
-        clip_low, clip_high, ratio_cap, dual_clip, logratio_clamp, VARIANT, HAS_DUAL,
+        logp, ratio, d_ratio, tl.load(adv_ptr + row), clip_low, clip_high, ratio_cap, dual_clip,
+        acc_scalar(sapo_tau_pos, ACC), acc_scalar(sapo_tau_neg, ACC), VARIANT, HAS_DUAL,
     )
+    if HAS_POLICY_W:
+        pw = tl.load(policy_w_ptr + row)
+        loss = pw * loss
+        d_loss = pw * d_loss
+    d_kl_term = 0.0  # kl_coef * K', when it carries its own weight (HAS_KL_W)
     if KL_KIND > 0:
         kl, d_kl = _kl_term(logp - tl.load(ref_ptr + row), kl_clamp, KL_KIND, KL_STRAIGHT)
+        if KL_WEIGHTED:
+            d_kl = tl.fma(d_kl, ratio, kl * d_ratio)
+            kl = kl * ratio
         loss += kl_coef * kl
-        d_loss += kl_coef * d_kl
+        if HAS_KL_W:
+            d_kl_term = kl_coef * d_kl
+        else:
+            d_loss += kl_coef * d_kl
     if HAS_ENTROPY_TERM:
         loss -= entropy_coef * entropy
     tl.store(loss_ptr + row, loss)
@@ -167,8 +213,16 @@ def _policy_loss_fwd_kernel(
     tl.store(entropy_ptr + row, entropy)
     if WRITE_GRAD:
         w = tl.load(weight_ptr + row)
+        g_lp = w * d_loss
+        if KL_KIND > 0:
+            if HAS_KL_W:
+                g_lp = tl.fma(tl.load(kl_w_ptr + row), d_kl_term, g_lp)
+        g_h = -w * entropy_coef
+        if HAS_ENTROPY_TERM:
+            if HAS_ENT_W:
+                g_h = -tl.load(ent_w_ptr + row) * entropy_coef
         store_softmax_grad(
-            row_ptr, grad_row_ptr, label, kk, lse2, entropy, w * d_loss, -w * entropy_coef,
+            row_ptr, grad_row_ptr, label, kk, lse2, entropy, g_lp, g_h,
             acc_scalar(inv_t, ACC), V, BLOCK_V, HAS_ENTROPY_TERM,
         )
 
@@ -182,13 +236,29 @@ def policy_loss_fwd(
     weight: torch.Tensor,  # [N]
     args: PolicyKernelArgs,
     grad_out: torch.Tensor | None,  # shape of logits, logits dtype (may be `logits`), or None
+    policy_w: torch.Tensor | None = None,  # [N] accumulation dtype; None: 1
+    kl_w: torch.Tensor | None = None,  # [N] accumulation dtype; None: weight
+    ent_w: torch.Tensor | None = None,  # [N] accumulation dtype; None: weight
     *,
     block_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the fused kernel; returns ``(per_token_loss, logp, entropy)`` ([N] each)."""
+    """Launch the fused kernel; returns ``(per_token_loss, logp, entropy)`` ([N] each).
+
+    ``policy_w`` multiplies the policy term in the loss and its gradient; ``kl_w`` / ``ent_w``
+    replace ``weight`` as the gradient weight of the KL / entropy terms (per_token_loss is
+    ``pw S + kl_coef K - entropy_coef H`` either way)."""
     n, c, s_r, s_c = as_rows3(logits)
     v = logits.shape[-1]
     acc = acc_dtype(logits.dtype)
+
+    def opt_vec(t, name):
+        if t is None:
+            return None
+        if t.dtype != acc or t.numel() != n:
+            raise ValueError(f"{name} must have {n} elements of dtype {acc}, got {tuple(t.shape)} {t.dtype}")
+        return flat(t)
+
+    policy_w, kl_w, ent_w = opt_vec(policy_w, "policy_w"), opt_vec(kl_w, "kl_w"), opt_vec(ent_w, "ent_w")
     loss = torch.empty(n, dtype=acc, device=logits.device)
     logp, entropy = torch.empty_like(loss), torch.empty_like(loss)
     if n == 0:
@@ -201,16 +271,23 @@ def policy_loss_fwd(
     _, _, g_r, g_c = as_rows3(grad)
     old = flat(old_logprobs)
     inv_t, k = temperature_scales(args.temperature)
+    w = flat(weight)
     _policy_loss_fwd_kernel[(n,)](
         logits, flat(labels), old, flat(advantages),
-        flat(ref_logprobs) if ref_logprobs is not None else old, flat(weight),
+        flat(ref_logprobs) if ref_logprobs is not None else old, w,
+        policy_w if policy_w is not None else w,  # dummies are never read
+        kl_w if kl_w is not None else w, ent_w if ent_w is not None else w,
         loss, logp, entropy, grad,
         v, c, s_r, s_c, g_r, g_c,
         args.clip_low, args.clip_high, args.ratio_cap, args.dual_clip, args.logratio_clamp,
-        args.kl_clamp, args.kl_coef, args.entropy_coef, inv_t, k, args.ignore_index,
+        args.kl_clamp, args.kl_coef, args.entropy_coef,
+        float(args.sapo_tau_pos), float(args.sapo_tau_neg), inv_t, k, args.ignore_index,
         BLOCK_V=block, VARIANT=args.variant, HAS_DUAL=args.dual_clip != INF,
         KL_KIND=args.kl_kind, KL_STRAIGHT=args.kl_straight,
-        HAS_ENTROPY_TERM=args.entropy_coef != 0.0, WRITE_GRAD=write_grad,
+        KL_WEIGHTED=bool(args.kl_weighted and args.kl_kind != 0),
+        HAS_ENTROPY_TERM=args.entropy_coef != 0.0,
+        HAS_POLICY_W=policy_w is not None, HAS_KL_W=kl_w is not None and args.kl_kind != 0,
+        HAS_ENT_W=ent_w is not None and args.entropy_coef != 0.0, WRITE_GRAD=write_grad,
         num_warps=_num_warps(block), **LAUNCH_OPTIONS,
     )
     return loss, logp, entropy
