@@ -76,16 +76,19 @@ def as_rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
     n = logits.numel() // vocab if vocab else 0
     flat = labels.reshape(-1).to(torch.int64).contiguous()
     if logits.stride(-1) == 1 or vocab == 1:
-        try:
+        # decided from the strides, not by trying .view (under torch.compile a failed view of
+        # a fake tensor raises a different error)
+        if _collapsible(logits.shape[:-1], logits.stride()[:-1]):
             return logits.view(n, vocab), flat
-        except RuntimeError:
-            pass
-        if logits.dim() >= 3:
-            try:
-                return logits.view(-1, logits.shape[-2], vocab), flat
-            except RuntimeError:
-                pass
+        if logits.dim() >= 3 and _collapsible(logits.shape[:-2], logits.stride()[:-2]):
+            return logits.view(-1, logits.shape[-2], vocab), flat
     return logits.reshape(n, vocab).contiguous(), flat
+
+
+def _collapsible(shape, strides) -> bool:
+    """Whether dims with these sizes / strides can be merged into one by a view."""
+    dims = [(size, stride) for size, stride in zip(shape, strides) if size != 1]
+    return all(dims[i][1] == dims[i + 1][1] * dims[i + 1][0] for i in range(len(dims) - 1))
 
 
 def check_sequence_logits(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> int:

@@ -11,7 +11,8 @@ import torch
 
 import fastpo
 from fastpo.config import PolicyLossConfig as C
-from fastpo.functional.policy_loss import needs_composed_path, policy_loss_from_logprobs
+from fastpo.functional.policy_loss import policy_loss_from_logprobs
+from fastpo.ops.policy_loss import fused_kernel_applies
 
 from conftest import backend_params, make_labels, make_logits, rel_err
 
@@ -327,11 +328,11 @@ def test_bad_call_arguments():
 
 
 def test_routing():
-    assert not needs_composed_path(C()) and not needs_composed_path(C(variant="gspo", kl_coef=0.1))
-    assert all(needs_composed_path(cfg) for name, cfg in CASES.items())
-    assert needs_composed_path(C(), policy_weights=torch.ones(1))
-    assert needs_composed_path(C(), rollout_logprobs=torch.ones(1, 1))
-    assert needs_composed_path(C(kl_agg="token-mean"), aux_num_tokens=3)
+    """Token-local features take the fused kernel; sequence-level ones the two-phase path."""
+    fused = ["sapo", "sapo-temps-kl", "pg", "pg-kl-weighted", "ppo-kl-weighted", "kl-agg"]
+    assert all(fused_kernel_applies(CASES[name]) for name in fused)
+    assert fused_kernel_applies(C()) and fused_kernel_applies(C(variant="cispo"))
+    assert not any(fused_kernel_applies(cfg) for name, cfg in CASES.items() if name not in fused)
 
 
 FUSED_CASES = ["sapo-temps-kl", "pg-kl-weighted", "gmpo", "vespo", "gspo-sum", "gspo-seq-max", "off-policy",
@@ -373,7 +374,7 @@ def test_fused_vs_composed(device, backend, name, dtype):
 
 
 @pytest.mark.parametrize("device,backend", backend_params("token_logprobs"))
-def test_fused_inplace_backward_on_composed_path(device, backend):
+def test_inplace_backward_on_a_new_variant(device, backend):
     logits = make_logits((2, 3, 29), torch.float32, device, seed=1)
     labels = make_labels((2, 3), 29, device, ignore_frac=0.0, seed=2)
     old = torch.full((2, 3), -3.3, device=device)

@@ -9,8 +9,7 @@ token-mean):
   fastpo[b]        ``fastpo.policy_loss`` on each backend b, and with ``inplace_backward=True``
   fastpo[b] is+klxr  the same with rollout IS weights (``policy_weights``) and TRL 1.16's default
                    KL x ratio (``kl_importance_weighted``), next to the plain one: the issue's
-                   target is <= 1.1x its time (these features take the composed path until the
-                   kernels have them)
+                   target is <= 1.1x its time (both features run inside the fused kernel)
 Byte model (floor): read the logits once and write the gradient once, 2 * N * V * itemsize;
 the fused kernels move 3 * N * V * itemsize (two reads, one write). The runner measures peak
 extra memory: everything allocated during the step, including the returned gradient.

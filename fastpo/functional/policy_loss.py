@@ -16,10 +16,10 @@ from fastpo._validation import as_rows, check_logits_labels
 from fastpo.functional.token_logprobs import token_logprobs
 from fastpo.config import METRIC_KEYS, PolicyLossConfig, PolicyLossOutput
 from fastpo.ops import registry
-from fastpo.ops.policy_loss import PolicyLossFunction
+from fastpo.ops.policy_loss import PolicyExtras, PolicyLossFunction
 from fastpo.reference.policy_loss import policy_loss_ref
 
-__all__ = ["policy_loss_from_logprobs", "policy_loss", "needs_composed_path"]
+__all__ = ["policy_loss_from_logprobs", "policy_loss"]
 
 _DEFAULT_CONFIG = PolicyLossConfig()
 
@@ -116,28 +116,6 @@ def _check_call_extras(shape, device, config, policy_weights, rollout_logprobs, 
     if aux_num_tokens is not None and config.kl_agg is None and config.entropy_agg is None:
         raise ValueError("aux_num_tokens is the token-mean normaliser of config.kl_agg / config.entropy_agg; "
                          "both are None, so it would be ignored")
-
-
-def needs_composed_path(config: PolicyLossConfig, policy_weights=None, rollout_logprobs=None,
-                        aux_num_tokens=None) -> bool:
-    """True when a call uses a feature the fused kernels do not have (the policy-parity features:
-    variants sapo / pg / gmpo / vespo, gspo's seq_ratio / seq_ratio_grad / seq_logratio_max,
-    kl_importance_weighted, off_policy_mask_threshold, top_entropy_quantile < 1, kl_agg /
-    entropy_agg, policy_weights, rollout_logprobs, aux_num_tokens)."""
-    return (
-        config.variant in ("sapo", "pg", "gmpo", "vespo")
-        or config.seq_ratio != "mean"
-        or config.seq_ratio_grad != "token"
-        or config.seq_logratio_max is not None
-        or config.kl_importance_weighted
-        or config.off_policy_mask_threshold is not None
-        or config.top_entropy_quantile < 1.0
-        or config.kl_agg is not None
-        or config.entropy_agg is not None
-        or policy_weights is not None
-        or rollout_logprobs is not None
-        or aux_num_tokens is not None
-    )
 
 
 def policy_loss_from_logprobs(
@@ -253,18 +231,14 @@ def policy_loss(
     Same numbers as ``policy_loss_from_logprobs(token_logprobs(logits, labels,
     temperature=config.temperature, return_entropy=True), old_logprobs, advantages,
     mask, ...)`` without materialising anything vocabulary-sized but the gradient:
-    the forward computes dL/dlogits (triton / cpu / cuda, variants ppo and cispo:
-    one kernel per token computing the log-prob, ratio, clipped surrogate, KL and
-    entropy terms; GSPO and the torch backend: token forward kernel, [B, T] loss,
-    token backward kernel), and the backward only scales it by the upstream scalar.
-
-    Calls that use a policy-parity feature the fused kernels do not have yet (variants sapo /
-    pg / gmpo / vespo; gspo with seq_ratio="sum", seq_ratio_grad="sequence" or
-    seq_logratio_max; kl_importance_weighted; off_policy_mask_threshold; top_entropy_quantile
-    < 1; kl_agg / entropy_agg; policy_weights, rollout_logprobs or aux_num_tokens) take the
-    composed path: ``token_logprobs(..., return_entropy=True, backend=backend)`` then
-    ``policy_loss_from_logprobs``. Exact numbers, same backend for the log-softmax, but not
-    fused (the [B, T] loss is differentiated by autograd, then the token backward kernel runs).
+    the forward computes dL/dlogits, and the backward only scales it by the upstream scalar.
+    triton / cpu / cuda, token-local variants and features (ppo, cispo, sapo, pg; KL x ratio,
+    policy_weights, kl_agg / entropy_agg): one kernel per token computes the log-prob, ratio,
+    policy term, KL and entropy terms and writes the gradient. Sequence-level features (gspo
+    and its options, gmpo, vespo, off_policy_mask_threshold, top_entropy_quantile < 1) and the
+    torch backend: the token forward kernel, the [B, T] reference loss and its derivatives
+    (``torch.func.grad``), the token backward kernel. Same traffic either way, no N x V
+    intermediate.
 
     Args:
         logits: ``[B, T, V]`` fp32 / bf16 / fp16 (float64 for gradchecks).
@@ -302,11 +276,6 @@ def policy_loss(
     check_count("num_tokens", num_tokens)
     check_count("num_sequences", num_sequences)
     _check_call_extras(shape, logits.device, config, policy_weights, rollout_logprobs, aux_num_tokens)
-    if needs_composed_path(config, policy_weights, rollout_logprobs, aux_num_tokens):
-        return _composed_policy_loss(
-            logits, labels, old_logprobs, advantages, mask, ref_logprobs, config, num_tokens, num_sequences,
-            policy_weights, rollout_logprobs, aux_num_tokens, ignore_index, inplace_backward, backend,
-        )
     # a one-element count tensor acts as a scalar: the loss stays 0-dim
     num_tokens, num_sequences = (
         c.reshape(()) if isinstance(c, torch.Tensor) else c for c in (num_tokens, num_sequences)
@@ -321,24 +290,12 @@ def policy_loss(
         rows, flat_labels, old_logprobs.detach(), advantages.detach(),
         None if ref_logprobs is None else ref_logprobs.detach(), mask, config, name, int(ignore_index),
         num_tokens, num_sequences, bool(inplace_backward), METRIC_KEYS,
+        PolicyExtras(detach(policy_weights), detach(rollout_logprobs), aux_num_tokens),
     )
     return PolicyLossOutput(loss, per_token, dict(zip(METRIC_KEYS, stacked.unbind(0))))
 
 
-def _composed_policy_loss(logits, labels, old_logprobs, advantages, mask, ref_logprobs, config, num_tokens,
-                          num_sequences, policy_weights, rollout_logprobs, aux_num_tokens, ignore_index,
-                          inplace_backward, backend) -> PolicyLossOutput:
-    """token_logprobs (fused log-softmax, any backend) -> policy_loss_from_logprobs (reference)."""
-    logp, entropy = token_logprobs(
-        logits, labels, temperature=config.temperature, return_entropy=True, ignore_index=ignore_index,
-        inplace_backward=inplace_backward, backend=backend,
-    )
-    detach = lambda t: None if t is None else t.detach()  # noqa: E731
-    out = policy_loss_from_logprobs(
-        logp, old_logprobs.detach(), advantages.detach(), mask, ref_logprobs=detach(ref_logprobs),
-        entropy=entropy, config=config, num_tokens=num_tokens, num_sequences=num_sequences,
-        policy_weights=detach(policy_weights), rollout_logprobs=detach(rollout_logprobs),
-        aux_num_tokens=aux_num_tokens,
-    )
-    # as on the fused path: per_token_loss is detached, the loss carries the gradient
-    return PolicyLossOutput(out.loss, out.per_token_loss.detach(), out.metrics)
+def detach(t):
+    return None if t is None else t.detach()
+
+
