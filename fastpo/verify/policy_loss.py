@@ -2,9 +2,9 @@
 reference (token_logprobs_ref in float64 -> policy_loss_ref), per backend and dtype.
 
 Configs: GRPO-style ppo with clip-higher and a k3 KL penalty, GSPO (two-phase path on every
-backend), CISPO with an entropy bonus, and the policy-parity features (composed path: sapo, pg,
-gmpo, vespo with IS weights, TRL 1.16's default KL x ratio with vLLM IS weights, OpenRLHF's gspo
-with a sequence gradient and token-mean KL, top-entropy / off-policy masks). Tolerances as DESIGN.md section 3: fp32 1e-5;
+backend), CISPO with an entropy bonus, and the policy-parity features (fused kernel: sapo, pg,
+TRL 1.16's default KL x ratio with vLLM IS weights; two-phase path: gmpo, vespo with IS weights,
+OpenRLHF's gspo with a sequence gradient and token-mean KL, top-entropy / off-policy masks). Tolerances as DESIGN.md section 3: fp32 1e-5;
 bf16 / fp16 values 1e-5 (fp32 accumulation of the upcast logits), gradients 1.5e-2 (rounded to
 the logits' dtype, plus the backward's scaling by the upstream gradient).
 """
