@@ -130,29 +130,12 @@ def cmd_bench(args) -> int:
 
 
 def _plot(results, path: str, console) -> None:
-    try:
-        import matplotlib
+    from .benchmarks.plot import plot_results
 
-        import matplotlib.ticker
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if plot_results(results, path):
+        console.print(f"wrote {path}")
+    else:
         console.print("matplotlib not installed (pip install 'fastpo[plot]'): no PNG written")
-        return
-    shown = [r for r in results if "interpreter" not in r.note]  # not speed results
-    labels = [f"{r.op} | {r.impl} | {r.dtype} {r.shape}" for r in shown]
-    fig, ax = plt.subplots(figsize=(10, 0.28 * len(shown) + 1.2))
-    ax.barh(range(len(shown)), [r.median_ms for r in shown],
-            color=["tab:orange" if r.impl.startswith(("fastpo", "linear+fastpo")) else "tab:gray" for r in shown])
-    ax.set_yticks(range(len(shown)), labels, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("forward + backward, median ms (log scale; orange = fastpo)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    console.print(f"wrote {path}")
 
 
 def cmd_aot(args) -> int:
