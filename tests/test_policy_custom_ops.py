@@ -78,3 +78,16 @@ def test_out_of_range_label_raises_under_compile(backend):
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
     with pytest.raises(Exception, match=r"labels must lie in \[0, 48\)"):
         compiled(logits.clone().requires_grad_())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rescale_grad_opcheck_and_repeated_backward(dtype):
+    from fastpo.ops.grad_scale import GradBuffer, rescale_grad_op
+
+    grad = torch.randn(3, 7).to(dtype)
+    torch.library.opcheck(rescale_grad_op, (grad.clone(), torch.tensor(0.5), torch.ones(1)))  # applied: [1]
+    buf = GradBuffer(grad.clone())
+    first = buf.scaled(torch.tensor(2.0)).clone()
+    second = buf.scaled(torch.tensor(3.0))  # a second backward (retain_graph): 3x the original
+    torch.testing.assert_close(first.float(), (grad.float() * 2.0).to(dtype).float())
+    torch.testing.assert_close(second.float(), (grad.float() * 3.0).to(dtype).float(), rtol=1e-2, atol=1e-2)
