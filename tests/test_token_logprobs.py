@@ -199,7 +199,7 @@ def test_backend_errors():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="not available"):
             fastpo.token_logprobs(logits, labels, backend="cuda")
-    with pytest.raises(NotImplementedError, match="process_group"):
+    with pytest.raises((RuntimeError, TypeError), match="process_group"):  # not a live group
         fastpo.token_logprobs(logits, labels, process_group=object())
 
 

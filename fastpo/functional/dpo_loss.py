@@ -242,6 +242,7 @@ def dpo_loss(
     temperature: float = 1.0,
     ignore_index: int = -100,
     inplace_backward: bool = False,
+    process_group=None,
     backend: str = "auto",
 ) -> DPOOutput:
     r"""DPO-family preference loss from the policy's logits (TRL's concatenated forward), fused.
@@ -259,6 +260,9 @@ def dpo_loss(
             whose docstring gives every formula.
         temperature: runtime divisor of the logits.
         inplace_backward: write dL/dlogits into the logits buffer (no second N x V allocation).
+        process_group: vocabulary parallel: ``logits`` is this rank's shard ``[2B, T, V_r]``,
+            ``labels`` global ids (as :func:`fastpo.sequence_logprobs`); same result on every
+            rank, each rank gets its gradient slice.
         backend: ``"auto" | "triton" | "cuda" | "cpu" | "torch"``.
 
     The policy log-probs are ``c, r = sequence_logprobs(logits, labels)`` split into halves, and
@@ -308,7 +312,7 @@ def dpo_loss(
             )
     logps = sequence_logprobs(
         logits, labels, temperature=temperature, ignore_index=ignore_index,
-        inplace_backward=inplace_backward, backend=backend,
+        inplace_backward=inplace_backward, process_group=process_group, backend=backend,
     )
     return dpo_loss_from_logprobs(
         logps[:batch], logps[batch:], ref_chosen_logps, ref_rejected_logps,

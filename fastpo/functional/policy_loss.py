@@ -17,6 +17,7 @@ from fastpo.functional.token_logprobs import token_logprobs
 from fastpo.config import METRIC_KEYS, PolicyLossConfig, PolicyLossOutput
 from fastpo.ops import registry
 from fastpo.ops.policy_loss import PolicyExtras, PolicyLossFunction
+from fastpo.ops.vocab_parallel import check_vocab_parallel, vocab_parallel_token_logprobs
 from fastpo.reference.policy_loss import policy_loss_ref
 
 __all__ = ["policy_loss_from_logprobs", "policy_loss"]
@@ -224,6 +225,7 @@ def policy_loss(
     aux_num_tokens=None,
     ignore_index: int = -100,
     inplace_backward: bool = False,
+    process_group=None,
     backend: str = "auto",
 ) -> PolicyLossOutput:
     """PPO-family policy loss fused from logits ``[B, T, V]`` (DESIGN.md §4, Level 2).
@@ -254,6 +256,12 @@ def policy_loss(
         policy_weights, rollout_logprobs, aux_num_tokens: as in ``policy_loss_from_logprobs``.
         inplace_backward: write the gradient over the logits buffer during the
             forward (no second N x V allocation); the logits are garbage afterwards.
+        process_group: vocabulary parallel (DESIGN.md section 4): ``logits`` is this rank's
+            shard ``[B, T, V_r]``, ``labels`` global ids; runs the sharded
+            ``token_logprobs(..., return_entropy=True, process_group=...)`` then
+            ``policy_loss_from_logprobs`` (same numbers, identical on every rank, each rank gets
+            its gradient slice; with ``inplace_backward`` the gradient is written in the
+            backward instead of the forward).
 
     Returns:
         :class:`fastpo.PolicyLossOutput`: ``loss`` (0-dim fp32, differentiable in
@@ -283,6 +291,19 @@ def policy_loss(
     for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("ref_logprobs", ref_logprobs)):
         if t is not None and t.device != logits.device:
             raise ValueError(f"{name} is on {t.device} but logits are on {logits.device}")
+    if process_group is not None:
+        check_vocab_parallel(process_group, backend)
+        logp, entropy = vocab_parallel_token_logprobs(
+            logits, labels.masked_fill(~mask, ignore_index), temperature=config.temperature,
+            ignore_index=int(ignore_index), group=process_group, inplace_backward=bool(inplace_backward),
+        )
+        out = policy_loss_from_logprobs(
+            logp, old_logprobs.detach(), advantages.detach(), mask, ref_logprobs=detach(ref_logprobs),
+            entropy=entropy, config=config, num_tokens=num_tokens, num_sequences=num_sequences,
+            policy_weights=detach(policy_weights), rollout_logprobs=detach(rollout_logprobs),
+            aux_num_tokens=aux_num_tokens,
+        )
+        return PolicyLossOutput(out.loss, out.per_token_loss.detach(), out.metrics)
     name = registry.resolve("token_logprobs", backend, logits.device)
     rows, flat_labels = as_rows(logits, labels)
     flat_labels = torch.where(mask.reshape(-1), flat_labels, torch.full_like(flat_labels, ignore_index))

@@ -6,6 +6,7 @@ import torch
 from .._validation import as_sequences, check_sequence_logits, check_temperature
 from ..ops import registry
 from ..ops.sequence_logprobs import SequenceLogprobsFunction
+from ..ops.vocab_parallel import check_vocab_parallel, vocab_parallel_sequence_logprobs
 
 __all__ = ["sequence_logprobs"]
 
@@ -18,6 +19,7 @@ def sequence_logprobs(
     ignore_index: int = -100,
     average: bool = False,
     inplace_backward: bool = False,
+    process_group=None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Per-sequence log-probability of the labels, ``log pi(y_b | x_b)``, fused over the vocabulary.
@@ -31,6 +33,9 @@ def sequence_logprobs(
         average: return the mean over kept tokens instead of the sum.
         inplace_backward: the backward writes dL/dlogits into the logits buffer (no second
             ``B x T x V`` allocation); the logits must not be used afterwards.
+        process_group: vocabulary parallel: ``logits`` is this rank's shard ``[B, T, V_r]`` and
+            ``labels`` hold global ids, as in :func:`fastpo.token_logprobs`; same numbers as the
+            unsharded call, identical on every rank, each rank gets its gradient slice.
         backend: ``"auto" | "triton" | "cuda" | "cpu" | "torch"`` (DESIGN.md section 2).
 
     Returns:
@@ -45,6 +50,12 @@ def sequence_logprobs(
     """
     check_sequence_logits(logits, labels, ignore_index)
     temperature = check_temperature(temperature)
+    if process_group is not None:
+        check_vocab_parallel(process_group, backend)
+        return vocab_parallel_sequence_logprobs(
+            logits, labels, temperature=temperature, ignore_index=int(ignore_index), average=bool(average),
+            group=process_group, inplace_backward=bool(inplace_backward),
+        )
     name = registry.resolve("sequence_logprobs", backend, logits.device)
     logits, labels = as_sequences(logits, labels)
     return SequenceLogprobsFunction.apply(
