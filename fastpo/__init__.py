@@ -26,6 +26,12 @@ from .functional.advantages import (  # noqa: E402
     token_rewards,
 )
 from .functional.rollout import rollout_is_weights, rollout_rejection_mask  # noqa: E402
+from .functional.linear import (  # noqa: E402
+    linear_dpo_loss,
+    linear_policy_loss,
+    linear_sequence_logprobs,
+    linear_token_logprobs,
+)
 
 __version__ = "0.1.0"
 
@@ -53,4 +59,8 @@ __all__ = [
     "rollout_is_weights",
     "rollout_rejection_mask",
     "token_rewards",
+    "linear_dpo_loss",
+    "linear_policy_loss",
+    "linear_sequence_logprobs",
+    "linear_token_logprobs",
 ]

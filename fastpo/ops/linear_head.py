@@ -1,0 +1,299 @@
+"""Losses straight from hidden states and the lm_head (DESIGN.md §4, Level 3), chunked.
+
+The logits ``z = hidden @ weight.T + bias`` exist one chunk of kept rows at a time; every
+chunk goes through the logits-level custom ops of ``token_logprobs`` / ``policy_loss`` with
+the caller's backend, so the softmax math is the one of Levels 0 and 2. Read top-down:
+
+* ``HeadOptions`` and ``LinearHead``: the kept rows (label != ignore_index and mask: only
+  they cost a matmul), the chunk loop, the chunk logits and the chain rule through the
+  softcap; ``HeadGrads``: dL/dhidden, dL/dweight and dL/dbias accumulated chunk by chunk
+  (dW and db in fp32, cast to the weight's dtype once at the end);
+* ``LinearTokenLogprobsFunction``: the upstream gradient is unknown in the forward, so the
+  forward keeps only ``[K]`` vectors (logp, entropy, lse; 1 GEMM per chunk) and the backward
+  recomputes each chunk's logits (1 GEMM), writes dL/dlogits over them with
+  ``token_logprobs_bwd_inplace_op`` and forms dh, dW (2 GEMMs);
+* ``LinearPolicyLossFunction``: the loss is a scalar, so the whole gradient is formed in the
+  forward (backward scales it by the upstream, ``GradBuffer``). Token-local configs: the fused
+  policy kernel writes dL/dlogits over each chunk (3 GEMMs per chunk, one pass). Sequence-level
+  configs (gspo, gmpo, vespo, the off-policy mask, top-entropy quantile) and the torch backend:
+  pass 1 computes logp / entropy, the reference loss gives dL/dlogp and dL/dentropy on
+  ``[B, T]`` (``torch.func.grad``), pass 2 recomputes each chunk and writes its gradient
+  (4 GEMMs per chunk).
+
+The transform: ``x = softcap * tanh(z / softcap)`` (if softcap), ``x * logit_scale / T``. The
+kernels receive ``x`` before the scale and the temperature ``T / logit_scale``, the same
+number, so the scale costs no pass over the chunk. Peak extra memory: a few chunk-sized
+buffers (``chunk x V``), the fp32 ``V x H`` accumulator of dW and the gradients; never N x V.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .._validation import check_label_range
+from ..kernels.policy_args import PolicyKernelArgs
+from ..reference._dtypes import acc_dtype
+from ..reference.policy_loss import aggregate_ref, policy_loss_ref
+from . import registry
+from .grad_scale import GradBuffer
+from .policy_loss import _flat_weights, _pack, fused_kernel_applies, policy_loss_fwd_inplace_op
+from .token_logprobs import token_logprobs_bwd_inplace_op, token_logprobs_fwd_op
+
+# a chunk of fp32 logits is at most this many bytes (default chunk size)
+CHUNK_BYTES = 128 << 20
+
+
+def default_chunk_size(rows: int, vocab: int) -> int:
+    """Rows per chunk when ``chunk_size=None``: as many as keep ``rows x V`` fp32 logits within
+    ``CHUNK_BYTES`` (128 MiB: 1048 rows for V = 32000, 220 for V = 151936), at least 1, at most
+    the number of kept rows."""
+    return max(1, min(rows, CHUNK_BYTES // (4 * vocab)))
+
+
+@dataclass(frozen=True)
+class HeadOptions:
+    """Non-tensor options of the linear ops (validated by the public functions)."""
+
+    temperature: float
+    logit_scale: float
+    softcap: Optional[float]
+    ignore_index: int
+    chunk_size: Optional[int]
+    backend: str
+
+    @property
+    def kernel_temperature(self) -> float:
+        # x * logit_scale / T == x / (T / logit_scale)
+        return self.temperature / self.logit_scale
+
+
+class LinearHead:
+    """The lm_head restricted to the kept rows. ``hidden [N, H]`` (all rows), ``rows [K]`` the
+    kept row ids, ``labels [K]`` their labels; chunks are slices of ``0..K``."""
+
+    def __init__(self, hidden, weight, bias, rows, labels, opts: HeadOptions):
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.rows, self.labels, self.opts = rows, labels, opts
+        self.kept = rows.numel()
+        self.acc = acc_dtype(hidden.dtype)
+        self.step = opts.chunk_size or default_chunk_size(self.kept, weight.shape[0])
+
+    def chunks(self):
+        for start in range(0, self.kept, self.step):
+            yield slice(start, min(self.kept, start + self.step))
+
+    def logits(self, sl):
+        """``(h [c, H], x [c, V], t)``: the chunk's hidden rows, its logits after the softcap (a
+        fresh buffer the kernels may overwrite) and ``tanh(z / softcap)`` in the accumulation
+        dtype for the chain rule (None without softcap)."""
+        h = self.hidden.index_select(0, self.rows[sl])
+        w = self.weight.t()
+        z = torch.addmm(self.bias, h, w) if self.bias is not None else torch.mm(h, w)
+        cap = self.opts.softcap
+        if cap is None:
+            return h, z, None
+        t = z.to(self.acc).div_(cap).tanh_()  # in place on z when z is already fp32 / fp64
+        return h, (t * cap).to(z.dtype), t
+
+    @staticmethod
+    def to_z(dx: torch.Tensor, t: Optional[torch.Tensor]) -> torch.Tensor:
+        """dL/dz from dL/dx in place: dx * (1 - tanh^2(z / softcap)), formed at fp32 precision."""
+        if t is not None:
+            dx.mul_(t.square_().neg_().add_(1.0))
+        return dx
+
+    def labels_checked(self) -> None:
+        check_label_range(self.labels, self.weight.shape[0], self.opts.ignore_index)
+
+
+class HeadGrads:
+    """dL/dhidden ``[N, H]`` (zero on rows that are not kept), dL/dweight and dL/dbias
+    accumulated over chunks in fp32 (fp64 for fp64); only the ones asked for."""
+
+    def __init__(self, head: LinearHead, needs):
+        self.head = head
+        hidden, weight = head.hidden, head.weight
+        self.dh = torch.zeros_like(hidden) if needs[0] else None
+        self.dw = torch.zeros(weight.shape, dtype=head.acc, device=weight.device) if needs[1] else None
+        self.db = (torch.zeros(weight.shape[0], dtype=head.acc, device=weight.device)
+                   if needs[2] and head.bias is not None else None)
+
+    @property
+    def any(self) -> bool:
+        return self.dh is not None or self.dw is not None or self.db is not None
+
+    def add(self, sl, h: torch.Tensor, dz: torch.Tensor) -> None:
+        """Add one chunk: dh = dz @ W (rows of this chunk only), dW += dz^T h, db += sum dz."""
+        head = self.head
+        if self.dh is not None:
+            self.dh.index_copy_(0, head.rows[sl], torch.mm(dz, head.weight))
+        if self.dw is not None:
+            if dz.dtype == self.dw.dtype:
+                self.dw.addmm_(dz.t(), h)
+            else:  # bf16 / fp16: an fp32 GEMM on chunk-sized upcasts, no V x H temporary
+                self.dw.addmm_(dz.t().to(self.dw.dtype), h.to(self.dw.dtype))
+        if self.db is not None:
+            self.db.add_(dz.sum(0, dtype=self.db.dtype))
+
+    def finish(self):
+        """(dh, dW, db) in the inputs' dtypes (None where not asked for)."""
+        cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
+        return self.dh, cast(self.dw, self.head.weight), cast(self.db, self.head.bias)
+
+
+def _scatter(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """``[K]`` values of the kept rows into a zero ``[N]`` vector."""
+    return values.new_zeros(n).index_copy_(0, rows, values)
+
+
+def _token_pass(head: LinearHead):
+    """Forward chunk loop: (logp, entropy, lse) of the kept rows, each ``[K]``."""
+    out = [torch.empty(head.kept, dtype=head.acc, device=head.hidden.device) for _ in range(3)]
+    o = head.opts
+    for sl in head.chunks():
+        _, x, _ = head.logits(sl)
+        for dst, src in zip(out, token_logprobs_fwd_op(x, head.labels[sl], o.kernel_temperature,
+                                                       o.ignore_index, o.backend)):
+            dst[sl] = src
+    return out
+
+
+def _token_grad_pass(head: LinearHead, grads: HeadGrads, lse, entropy, g_lp, g_h) -> None:
+    """Backward chunk loop: recompute the logits, overwrite them with dL/dlogits, chain to h, W."""
+    o = head.opts
+    for sl in head.chunks():
+        h, x, t = head.logits(sl)
+        token_logprobs_bwd_inplace_op(x, head.labels[sl], lse[sl], entropy[sl], g_lp[sl],
+                                      None if g_h is None else g_h[sl], o.kernel_temperature,
+                                      o.ignore_index, o.backend)
+        grads.add(sl, h, head.to_z(x, t))
+        del h, x, t  # free this chunk before the next one is allocated
+
+
+class LinearTokenLogprobsFunction(torch.autograd.Function):
+    """(logp [N], entropy [N]) from hidden [N, H], weight [V, H], bias [V] or None; both
+    differentiable in hidden, weight and bias. Rows not in ``rows`` give 0 (zero gradient)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, rows, opts):
+        head = LinearHead(hidden, weight, bias, rows, labels, opts)
+        head.labels_checked()
+        logp, entropy, lse = _token_pass(head)
+        ctx.save_for_backward(hidden, weight, bias, labels, rows, lse, entropy)
+        ctx.opts = opts
+        ctx.set_materialize_grads(False)
+        n = hidden.shape[0]
+        return _scatter(logp, rows, n), _scatter(entropy, rows, n)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, labels, rows, lse, entropy = ctx.saved_tensors
+        head = LinearHead(hidden, weight, bias, rows, labels, ctx.opts)
+        grads = HeadGrads(head, ctx.needs_input_grad)
+        if grads.any and (grad_logp is not None or grad_entropy is not None):
+            pick = lambda g: g.index_select(0, rows).to(lse.dtype).contiguous()  # noqa: E731
+            g_lp = pick(grad_logp) if grad_logp is not None else torch.zeros_like(lse)
+            g_h = pick(grad_entropy) if grad_entropy is not None else None
+            _token_grad_pass(head, grads, lse, entropy, g_lp, g_h)
+        return grads.finish() + (None,) * 3
+
+
+# ----------------------------------------------------------------------------- policy loss
+@dataclass(frozen=True)
+class PolicyInputs:
+    """The per-token tensors of the policy loss: ``[B, T]`` (advantages ``[B]`` or ``[B, T]``),
+    detached, plus the effective mask and the normalisers."""
+
+    old: torch.Tensor
+    adv: torch.Tensor
+    ref: Optional[torch.Tensor]
+    mask: torch.Tensor
+    num_tokens: object
+    num_sequences: object
+
+
+def _reference_loss(logp, entropy, p: PolicyInputs, config, extras):
+    return policy_loss_ref(logp, p.old, p.adv, p.mask, ref_logprobs=p.ref, entropy=entropy, config=config,
+                           num_tokens=p.num_tokens, num_sequences=p.num_sequences, **extras._asdict())
+
+
+def _policy_fused(head: LinearHead, grads: HeadGrads, p: PolicyInputs, config, extras):
+    """Token-local configs: the fused policy kernel writes dL/dlogits over each chunk."""
+    shape, acc, rows, o = p.mask.shape, head.acc, head.rows, head.opts
+    args = PolicyKernelArgs.from_config(config, has_ref=p.ref is not None, ignore_index=o.ignore_index)
+    args = dataclasses.replace(args, temperature=o.kernel_temperature)  # logit_scale folded in
+    weights = _flat_weights(p.mask, config, p.num_tokens, p.num_sequences, acc, extras, kl_on=args.kl_kind != 0)
+    floats, ints = _pack(args)
+    adv = p.adv.unsqueeze(-1).expand(shape) if p.adv.dim() == 1 else p.adv
+    pick = lambda v: None if v is None else v.to(acc).reshape(-1).index_select(0, rows)  # noqa: E731
+    old, adv, ref = pick(p.old), pick(adv), pick(p.ref)
+    weight, policy_w, kl_w, ent_w = (pick(w) for w in weights)
+    part = lambda v, sl: None if v is None else v[sl]  # noqa: E731
+    out = [torch.empty(head.kept, dtype=acc, device=rows.device) for _ in range(3)]
+    for sl in head.chunks():
+        h, x, t = head.logits(sl)
+        res = policy_loss_fwd_inplace_op(
+            x, head.labels[sl], old[sl], adv[sl], part(ref, sl), weight[sl], floats, ints, o.backend,
+            part(policy_w, sl), part(kl_w, sl), part(ent_w, sl))
+        for dst, src in zip(out, res):
+            dst[sl] = src
+        if grads.any:
+            grads.add(sl, h, head.to_z(x, t))
+        del h, x, t, res  # free this chunk before the next one is allocated
+    n = head.hidden.shape[0]
+    per_token, logp, entropy = (_scatter(v, rows, n).view(shape) for v in out)
+    # loss and metrics from the composed path's definitions on [B, T], as policy_loss does
+    ref_loss, _, metrics = _reference_loss(logp, entropy, p, config, extras)
+    if weights[2] is None and weights[3] is None:
+        loss = aggregate_ref(per_token, p.mask, config.agg, num_tokens=p.num_tokens,
+                             num_sequences=p.num_sequences, agg_scale=config.agg_scale)
+    else:
+        loss = ref_loss
+    return loss, per_token, metrics
+
+
+def _policy_two_pass(head: LinearHead, grads: HeadGrads, p: PolicyInputs, config, extras):
+    """Sequence-level configs (and the torch backend): logp / entropy, the reference loss and
+    its derivatives on [B, T], then a second chunk pass that writes the gradient."""
+    shape, rows, n = p.mask.shape, head.rows, head.hidden.shape[0]
+    logp_k, ent_k, lse_k = _token_pass(head)
+    logp, entropy = _scatter(logp_k, rows, n).view(shape), _scatter(ent_k, rows, n).view(shape)
+
+    def loss_of(lp, ent):
+        loss, per_token, metrics = _reference_loss(lp, ent, p, config, extras)
+        return loss, (loss, per_token, metrics)
+
+    if not grads.any:
+        return loss_of(logp, entropy)[1]
+    (g_lp, g_h), (loss, per_token, metrics) = torch.func.grad(loss_of, argnums=(0, 1), has_aux=True)(logp, entropy)
+    pick = lambda g: g.reshape(-1).to(lse_k.dtype).index_select(0, rows)  # noqa: E731
+    _token_grad_pass(head, grads, lse_k, ent_k, pick(g_lp), pick(g_h) if config.entropy_coef != 0.0 else None)
+    return loss, per_token, metrics
+
+
+class LinearPolicyLossFunction(torch.autograd.Function):
+    """(loss, per_token_loss, stacked metrics) from hidden [N, H], weight, bias; the loss is
+    differentiable in hidden, weight and bias, its gradient formed in the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, rows, opts, inputs, config, metric_keys, extras):
+        head = LinearHead(hidden, weight, bias, rows, labels, opts)
+        head.labels_checked()
+        grads = HeadGrads(head, ctx.needs_input_grad)
+        fused = fused_kernel_applies(config) and opts.backend in registry.backends_for("policy_loss", hidden.device)
+        path = _policy_fused if fused else _policy_two_pass
+        loss, per_token, metrics = path(head, grads, inputs, config, extras)
+        ctx.grads = [None if g is None else GradBuffer(g) for g in grads.finish()]
+        stacked = torch.stack([metrics[k].float() for k in metric_keys])
+        ctx.mark_non_differentiable(per_token, stacked)
+        return loss, per_token, stacked
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_per_token, grad_metrics):
+        if grad_loss is None:
+            return (None,) * 10
+        return tuple(None if g is None else g.scaled(grad_loss) for g in ctx.grads) + (None,) * 7
