@@ -10,6 +10,9 @@ from torch import nn
 
 from fastpo._validation import check_temperature
 from fastpo.functional.dpo_loss import DPOOutput, _check_dpo_args, dpo_loss, dpo_loss_from_logprobs
+from fastpo.functional.linear import linear_dpo_loss
+
+from .policy import head_weight_bias
 
 __all__ = ["DPOLoss"]
 
@@ -72,6 +75,28 @@ class DPOLoss(nn.Module):
             ignore_index=self.ignore_index,
             inplace_backward=self.inplace_backward,
             backend=self.backend,
+        )
+
+    def forward_hidden(
+        self,
+        hidden: torch.Tensor,  # [2B, T, H]: B chosen rows, then B rejected rows
+        lm_head,  # nn.Linear(H, V) or its weight [V, H]
+        labels: torch.Tensor,  # [2B, T]
+        ref_chosen_logps: torch.Tensor | None = None,
+        ref_rejected_logps: torch.Tensor | None = None,
+        *,
+        bias: torch.Tensor | None = None,
+        logit_scale: float = 1.0,
+        softcap: float | None = None,
+        chunk_size: int | None = None,
+    ) -> DPOOutput:
+        """From hidden states and the output head: ``fastpo.linear_dpo_loss`` with this module's
+        options (logits never materialised; ``inplace_backward`` does not apply)."""
+        weight, bias = head_weight_bias(lm_head, bias)
+        return linear_dpo_loss(
+            hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, bias=bias, **self._loss_options(),
+            temperature=self.temperature, logit_scale=logit_scale, softcap=softcap, ignore_index=self.ignore_index,
+            chunk_size=chunk_size, backend=self.backend,
         )
 
     def forward_from_logprobs(

@@ -2,7 +2,8 @@
 
 ``PolicyLoss`` holds a frozen ``PolicyLossConfig`` and a default backend; ``forward`` computes
 from per-token log-probs (``forward_from_logprobs``), ``forward_logits`` from logits with the
-fused path (``fastpo.policy_loss``), both with the same config.
+fused path (``fastpo.policy_loss``), ``forward_hidden`` from hidden states and the lm_head
+(``fastpo.linear_policy_loss``, logits never materialised), all with the same config.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn
 
 from fastpo.config import PolicyLossConfig, PolicyLossOutput
 from fastpo.functional.advantages import check_value_loss_args, value_loss
+from fastpo.functional.linear import linear_policy_loss
 from fastpo.functional.policy_loss import policy_loss, policy_loss_from_logprobs
 from fastpo.ops.registry import BACKENDS
 
@@ -139,8 +141,37 @@ class PolicyLoss(nn.Module):
             backend=self.backend if backend is None else backend,
         )
 
+    def forward_hidden(
+        self,
+        hidden: torch.Tensor,  # [B, T, H]
+        lm_head,  # nn.Linear(H, V) or its weight [V, H]
+        labels: torch.Tensor,  # [B, T]
+        old_logprobs: torch.Tensor,
+        advantages: torch.Tensor,
+        *,
+        backend: str | None = None,
+        **kwargs,
+    ) -> PolicyLossOutput:
+        """From hidden states and the output head (``fastpo.linear_policy_loss``; keyword
+        arguments as there: mask, ref_logprobs, counts, policy_weights, logit_scale, softcap,
+        chunk_size, ...); ``lm_head`` is an ``nn.Linear`` (its bias is used) or a weight."""
+        weight, bias = head_weight_bias(lm_head, kwargs.pop("bias", None))
+        return linear_policy_loss(hidden, weight, labels, old_logprobs, advantages, bias=bias, config=self.config,
+                                  backend=self.backend if backend is None else backend, **kwargs)
+
     def extra_repr(self) -> str:
         return f"{self.config!r}, backend={self.backend!r}"
+
+
+def head_weight_bias(lm_head, bias=None):
+    """``(weight [V, H], bias or None)`` of an ``nn.Linear`` or of a bare weight tensor."""
+    if isinstance(lm_head, nn.Linear):
+        if bias is not None:
+            raise ValueError("pass bias only with a bare weight; an nn.Linear brings its own")
+        return lm_head.weight, lm_head.bias
+    if isinstance(lm_head, torch.Tensor):
+        return lm_head, bias
+    raise TypeError(f"lm_head must be an nn.Linear or a weight tensor [V, H], got {type(lm_head).__name__}")
 
 
 class ValueLoss(nn.Module):
