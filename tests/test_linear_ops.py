@@ -312,7 +312,7 @@ def _bad_cases():
         ("chunk-0", dict(chunk_size=0), ValueError, "chunk_size must be"),
         ("chunk-float", dict(chunk_size=2.0), ValueError, "chunk_size must be"),
         ("backend", dict(backend="nope"), ValueError, "unknown backend"),
-        ("process-group", dict(process_group=object()), NotImplementedError, "vocabulary-parallel"),
+        ("process-group", dict(process_group=object()), RuntimeError, "not initialised"),
     ], dict(hidden=h, weight=w, labels=lab, bias=b)
 
 
@@ -336,7 +336,7 @@ def test_bad_policy_inputs():
         linear_policy_loss(h, w, lab, old[:, :2], adv)
     with pytest.raises(ValueError, match="needs ref_logprobs"):
         linear_policy_loss(h, w, lab, old, adv, config=C(kl_coef=0.1))
-    with pytest.raises(NotImplementedError, match="vocabulary-parallel"):
+    with pytest.raises(RuntimeError, match="not initialised"):  # process_group: tests/test_linear_vocab_parallel.py
         linear_policy_loss(h, w, lab, old, adv, process_group=object())
     with pytest.raises(ValueError, match="2B rows"):
         linear_dpo_loss(h[:1], w, lab[:1], torch.zeros(1), torch.zeros(1))

@@ -15,7 +15,9 @@ import torch
 from .._validation import LOGIT_DTYPES, check_temperature
 from ..config import METRIC_KEYS, PolicyLossConfig, PolicyLossOutput
 from ..ops import registry
-from ..ops.linear_head import HeadOptions, LinearPolicyLossFunction, LinearTokenLogprobsFunction, PolicyInputs
+from ..ops.linear_head import (HeadOptions, LinearPolicyLossFunction, LinearTokenLogprobsFunction, PolicyInputs,
+                               VocabShard)
+from ..ops.vocab_parallel import check_vocab_parallel, vocab_shard_range
 from ..ops.policy_loss import PolicyExtras
 from .dpo_loss import DPOOutput, _check_dpo_args, _check_logps_shapes, _check_logps_types, dpo_loss_from_logprobs
 from .policy_loss import _check_call_extras, _check_policy_inputs, check_bt, check_count
@@ -58,10 +60,14 @@ def _check_head(hidden, weight, labels, bias, name: str) -> None:
             raise ValueError(f"{name}: hidden is on {hidden.device} but {arg} is on {x.device}")
 
 
-def _no_process_group(name: str, process_group) -> None:
-    if process_group is not None:
-        raise NotImplementedError(f"{name}: vocabulary-parallel linear ops (process_group) are not implemented "
-                                  "yet; gather the lm_head weight or compute the logits shard by shard")
+def _vocab_shard(process_group, backend, weight) -> VocabShard | None:
+    """None, or this rank's ``VocabShard`` (validates the group and the backend, then one
+    all-gather of the shard sizes ``weight.shape[0]``); call after ``_check_head``."""
+    if process_group is None:
+        return None
+    check_vocab_parallel(process_group, backend)
+    start, total = vocab_shard_range(weight.shape[0], process_group, weight.device)
+    return VocabShard(process_group, start, total)
 
 
 def _options(name, hidden, temperature, logit_scale, softcap, ignore_index, chunk_size, backend) -> HeadOptions:
@@ -121,7 +127,19 @@ def linear_token_logprobs(
         return_entropy: also return ``H = -sum_j p_j log p_j`` (differentiable).
         chunk_size: kept rows per chunk of logits; None: ``floor(128 MiB / (4 V))`` rows, at
             least 1, at most the number of kept rows (``fastpo.ops.linear_head.default_chunk_size``).
-        process_group: vocabulary parallel; not implemented yet (NotImplementedError).
+        process_group: vocabulary parallel (DESIGN.md §4): a ``torch.distributed`` group over
+            which the head is sharded by vocabulary: ``weight`` ``[V_r, H]`` (``bias`` ``[V_r]``)
+            is this rank's contiguous shard, shards in rank order, sizes may differ (offsets
+            from one all-gather of the sizes); ``hidden`` is replicated (identical on every
+            rank); labels are global ids. Outputs are identical on every rank; each rank gets
+            exactly its slice of dL/dweight and dL/dbias, and dL/dhidden is all-reduced (SUM)
+            inside the op's backward, so every rank holds the full hidden gradient. The op
+            replaces a column-parallel lm_head plus a vocab-parallel cross-entropy: ``hidden``
+            must NOT also pass through a copy-to-tensor-parallel region (its backward would
+            all-reduce the hidden gradient a second time). Plain torch ops (``backend`` must be
+            ``"auto"`` or ``"torch"``). Communication per call: forward one all-gather of the
+            sizes and two all-reduces of kept-row statistics (``[K]`` and ``[3, K]``), backward
+            one all-reduce of ``[N, H]`` (fp32 for half-precision hidden).
         backend: ``"auto" | "triton" | "cuda" | "cpu" | "torch"``, the backend of the
             logits-level kernels each chunk goes through.
 
@@ -135,11 +153,11 @@ def linear_token_logprobs(
     plus the fp32 ``V x H`` dW accumulator; never ``N x V``.
     """
     name = "linear_token_logprobs"
-    _no_process_group(name, process_group)
     _check_head(hidden, weight, labels, bias, name)
+    shard = _vocab_shard(process_group, backend, weight)
     opts = _options(name, hidden, temperature, logit_scale, softcap, ignore_index, chunk_size, backend)
     h2, rows, kept_labels = _rows(hidden, labels, labels != ignore_index)
-    logp, entropy = LinearTokenLogprobsFunction.apply(h2, weight, bias, kept_labels, rows, opts)
+    logp, entropy = LinearTokenLogprobsFunction.apply(h2, weight, bias, kept_labels, rows, opts, shard)
     logp = logp.view(labels.shape)
     return (logp, entropy.view(labels.shape)) if return_entropy else logp
 
@@ -209,6 +227,11 @@ def linear_policy_loss(
     dL/dlogits over each chunk (3 GEMMs per chunk). Sequence-level configs (gspo, gmpo, vespo,
     off_policy_mask_threshold, top_entropy_quantile < 1) and the torch backend: two chunk passes
     (4 GEMMs per chunk). ``chunk_size``: as in ``linear_token_logprobs``.
+    ``process_group``: vocabulary parallel, as in ``linear_token_logprobs`` (weight / bias this
+    rank's shard, hidden replicated, outputs identical on every rank); always the two-pass torch
+    path; the whole gradient is formed in the forward, so the all-reduce (SUM) of dL/dhidden
+    ``[N, H]`` happens there (when hidden, weight or bias needs a gradient), after the two
+    all-reduces of kept-token statistics.
 
     Returns:
         :class:`fastpo.PolicyLossOutput`: ``loss`` (0-dim fp32, fp64 for fp64 inputs,
@@ -218,7 +241,6 @@ def linear_policy_loss(
     name = "linear_policy_loss"
     if not isinstance(config, PolicyLossConfig):
         raise TypeError(f"config must be a fastpo.PolicyLossConfig, got {type(config).__name__}")
-    _no_process_group(name, process_group)
     if isinstance(hidden, torch.Tensor) and hidden.dim() != 3:
         raise ValueError(f"{name}: hidden must have shape [B, T, H], got {list(hidden.shape)}")
     _check_head(hidden, weight, labels, bias, name)
@@ -237,6 +259,7 @@ def linear_policy_loss(
     check_count("num_tokens", num_tokens)
     check_count("num_sequences", num_sequences)
     _check_call_extras(shape, device, config, policy_weights, rollout_logprobs, aux_num_tokens)
+    shard = _vocab_shard(process_group, backend, weight)
     num_tokens, num_sequences = (
         c.reshape(()) if isinstance(c, torch.Tensor) else c for c in (num_tokens, num_sequences)
     )
@@ -246,7 +269,7 @@ def linear_policy_loss(
                           num_tokens, num_sequences)
     extras = PolicyExtras(detach(policy_weights), detach(rollout_logprobs), aux_num_tokens)
     loss, per_token, stacked = LinearPolicyLossFunction.apply(
-        h2, weight, bias, kept_labels, rows, opts, inputs, config, METRIC_KEYS, extras)
+        h2, weight, bias, kept_labels, rows, opts, inputs, config, METRIC_KEYS, extras, shard)
     return PolicyLossOutput(loss, per_token, dict(zip(METRIC_KEYS, stacked.unbind(0))))
 
 
@@ -278,7 +301,8 @@ def linear_dpo_loss(
     ``linear_token_logprobs``."""
     name = "linear_dpo_loss"
     _check_dpo_args(beta, loss_type, label_smoothing, reduction, gamma)
-    _no_process_group(name, process_group)
+    if process_group is not None:
+        check_vocab_parallel(process_group, backend)
     if isinstance(hidden, torch.Tensor) and hidden.dim() != 3:
         raise ValueError(f"{name}: hidden must have shape [2B, T, H], got {list(hidden.shape)}")
     _check_head(hidden, weight, labels, bias, name)
@@ -299,7 +323,7 @@ def linear_dpo_loss(
                              f"{empty.tolist()[:8]} of labels have no completion token")
     logps = linear_sequence_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
                                      logit_scale=logit_scale, softcap=softcap, ignore_index=ignore_index,
-                                     chunk_size=chunk_size, backend=backend)
+                                     chunk_size=chunk_size, process_group=process_group, backend=backend)
     return dpo_loss_from_logprobs(
         logps[:batch], logps[batch:], ref_chosen_logps, ref_rejected_logps,
         beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma,

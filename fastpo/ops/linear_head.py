@@ -20,6 +20,17 @@ the caller's backend, so the softmax math is the one of Levels 0 and 2. Read top
   ``[B, T]`` (``torch.func.grad``), pass 2 recomputes each chunk and writes its gradient
   (4 GEMMs per chunk).
 
+Vocabulary parallel (``VocabShard``, DESIGN.md §4): ``weight`` / ``bias`` are this rank's
+contiguous shard ``[V_r, H]`` / ``[V_r]`` of the head, ``hidden`` is replicated, labels are
+global ids. Each chunk's ``x_r = x(h @ W_r.T + b_r)`` gives local row statistics
+(``fastpo.ops.vocab_parallel.block_stats``), all-reduced once per call over the kept rows
+(``combine_stats``: MAX of ``[K]``, SUM of ``[3, K]``) into the global logp / entropy / lse;
+the gradient pass forms dL/dx_r per chunk with plain torch math (``block_grad``), then
+dh_r = dz_r @ W_r (this rank's partial), dW_r += dz_r^T h, db_r += sum dz_r, and finally ONE
+all-reduce (SUM) of dL/dhidden ``[N, H]`` so every rank holds the full hidden gradient
+(``HeadGrads.finish``). Policy loss: always the two-pass path (the reference loss's
+derivatives on ``[B, T]``, then the gradient pass), the dh all-reduce in its forward.
+
 The transform: ``x = softcap * tanh(z / softcap)`` (if softcap), ``x * logit_scale / T``. The
 kernels receive ``x`` before the scale and the temperature ``T / logit_scale``, the same
 number, so the scale costs no pass over the chunk. Peak extra memory: a few chunk-sized
@@ -32,15 +43,28 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from .._validation import check_label_range
 from ..kernels.policy_args import PolicyKernelArgs
 from ..reference._dtypes import acc_dtype
 from ..reference.policy_loss import aggregate_ref, policy_loss_ref
 from . import registry
+from . import vocab_parallel as vp
 from .grad_scale import GradBuffer
 from .policy_loss import _flat_weights, _pack, fused_kernel_applies, policy_loss_fwd_inplace_op
 from .token_logprobs import token_logprobs_bwd_inplace_op, token_logprobs_fwd_op
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """Vocabulary parallel: this rank's head is the rows ``[start, start + V_r)`` of a
+    ``[total, H]`` head sharded over ``group`` (``fastpo.ops.vocab_parallel.vocab_shard_range``)."""
+
+    group: object
+    start: int
+    total: int
+
 
 # a chunk of fp32 logits is at most this many bytes (default chunk size)
 CHUNK_BYTES = 128 << 20
@@ -74,9 +98,9 @@ class LinearHead:
     """The lm_head restricted to the kept rows. ``hidden [N, H]`` (all rows), ``rows [K]`` the
     kept row ids, ``labels [K]`` their labels; chunks are slices of ``0..K``."""
 
-    def __init__(self, hidden, weight, bias, rows, labels, opts: HeadOptions):
+    def __init__(self, hidden, weight, bias, rows, labels, opts: HeadOptions, shard: Optional[VocabShard] = None):
         self.hidden, self.weight, self.bias = hidden, weight, bias
-        self.rows, self.labels, self.opts = rows, labels, opts
+        self.rows, self.labels, self.opts, self.shard = rows, labels, opts, shard
         self.kept = rows.numel()
         self.acc = acc_dtype(hidden.dtype)
         self.step = opts.chunk_size or default_chunk_size(self.kept, weight.shape[0])
@@ -106,7 +130,13 @@ class LinearHead:
         return dx
 
     def labels_checked(self) -> None:
-        check_label_range(self.labels, self.weight.shape[0], self.opts.ignore_index)
+        vocab = self.weight.shape[0] if self.shard is None else self.shard.total
+        check_label_range(self.labels, vocab, self.opts.ignore_index)
+
+    def ownership(self):
+        """Vocabulary parallel: (own, local) of the kept rows (label in this shard, its local id)."""
+        _, own, local = vp._ownership(self.labels, self.shard.start, self.weight.shape[0], self.opts.ignore_index)
+        return own, local
 
 
 class HeadGrads:
@@ -139,9 +169,16 @@ class HeadGrads:
             self.db.add_(dz.sum(0, dtype=self.db.dtype))
 
     def finish(self):
-        """(dh, dW, db) in the inputs' dtypes (None where not asked for)."""
+        """(dh, dW, db) in the inputs' dtypes (None where not asked for). Vocabulary parallel:
+        dh (this rank's partial dz_r @ W_r) is all-reduced (SUM) over the group here, in fp32 for
+        half-precision hidden states, so every rank returns the full dL/dhidden."""
         cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
-        return self.dh, cast(self.dw, self.head.weight), cast(self.db, self.head.bias)
+        dh, shard = self.dh, self.head.shard
+        if shard is not None and dh is not None:
+            buf = dh if dh.dtype == self.head.acc else dh.to(self.head.acc)
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=shard.group)
+            dh = cast(buf, dh)
+        return dh, cast(self.dw, self.head.weight), cast(self.db, self.head.bias)
 
 
 def _scatter(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
@@ -151,6 +188,8 @@ def _scatter(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
 
 def _token_pass(head: LinearHead):
     """Forward chunk loop: (logp, entropy, lse) of the kept rows, each ``[K]``."""
+    if head.shard is not None:
+        return _sharded_token_pass(head)
     out = [torch.empty(head.kept, dtype=head.acc, device=head.hidden.device) for _ in range(3)]
     o = head.opts
     for sl in head.chunks():
@@ -163,6 +202,8 @@ def _token_pass(head: LinearHead):
 
 def _token_grad_pass(head: LinearHead, grads: HeadGrads, lse, entropy, g_lp, g_h) -> None:
     """Backward chunk loop: recompute the logits, overwrite them with dL/dlogits, chain to h, W."""
+    if head.shard is not None:
+        return _sharded_token_grad_pass(head, grads, lse, entropy, g_lp, g_h)
     o = head.opts
     for sl in head.chunks():
         h, x, t = head.logits(sl)
@@ -173,17 +214,43 @@ def _token_grad_pass(head: LinearHead, grads: HeadGrads, lse, entropy, g_lp, g_h
         del h, x, t  # free this chunk before the next one is allocated
 
 
+def _sharded_token_pass(head: LinearHead):
+    """Vocabulary parallel forward: per chunk the local ``[4, c]`` row statistics of this rank's
+    logits shard, then two all-reduces over the kept rows (``combine_stats``)."""
+    kt = head.opts.kernel_temperature
+    own, local = head.ownership()
+    stats = torch.zeros(4, head.kept, dtype=head.acc, device=head.hidden.device)
+    for sl in head.chunks():
+        _, x, _ = head.logits(sl)
+        stats[:, sl] = vp.block_stats(x.to(head.acc) / kt, own[sl], local[sl])
+        del x
+    keep = torch.ones(head.kept, dtype=torch.bool, device=stats.device)
+    return list(vp.combine_stats(stats, keep, head.shard.group))
+
+
+def _sharded_token_grad_pass(head: LinearHead, grads: HeadGrads, lse, entropy, g_lp, g_h) -> None:
+    """Vocabulary parallel gradient pass (no communication; dh is all-reduced by ``finish``)."""
+    kt = head.opts.kernel_temperature
+    own, local = head.ownership()
+    for sl in head.chunks():
+        h, x, t = head.logits(sl)
+        dx = vp.block_grad(x.to(head.acc) / kt, lse[sl], entropy[sl], g_lp[sl],
+                           None if g_h is None else g_h[sl], own[sl], local[sl]).div_(kt)
+        grads.add(sl, h, head.to_z(dx, t).to(head.weight.dtype))
+        del h, x, t, dx
+
+
 class LinearTokenLogprobsFunction(torch.autograd.Function):
     """(logp [N], entropy [N]) from hidden [N, H], weight [V, H], bias [V] or None; both
     differentiable in hidden, weight and bias. Rows not in ``rows`` give 0 (zero gradient)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, rows, opts):
-        head = LinearHead(hidden, weight, bias, rows, labels, opts)
+    def forward(ctx, hidden, weight, bias, labels, rows, opts, shard):
+        head = LinearHead(hidden, weight, bias, rows, labels, opts, shard)
         head.labels_checked()
         logp, entropy, lse = _token_pass(head)
         ctx.save_for_backward(hidden, weight, bias, labels, rows, lse, entropy)
-        ctx.opts = opts
+        ctx.opts, ctx.shard = opts, shard
         ctx.set_materialize_grads(False)
         n = hidden.shape[0]
         return _scatter(logp, rows, n), _scatter(entropy, rows, n)
@@ -192,14 +259,14 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, labels, rows, lse, entropy = ctx.saved_tensors
-        head = LinearHead(hidden, weight, bias, rows, labels, ctx.opts)
+        head = LinearHead(hidden, weight, bias, rows, labels, ctx.opts, ctx.shard)
         grads = HeadGrads(head, ctx.needs_input_grad)
         if grads.any and (grad_logp is not None or grad_entropy is not None):
             pick = lambda g: g.index_select(0, rows).to(lse.dtype).contiguous()  # noqa: E731
             g_lp = pick(grad_logp) if grad_logp is not None else torch.zeros_like(lse)
             g_h = pick(grad_entropy) if grad_entropy is not None else None
             _token_grad_pass(head, grads, lse, entropy, g_lp, g_h)
-        return grads.finish() + (None,) * 3
+        return grads.finish() + (None,) * 4  # vocabulary parallel: finish all-reduces dh
 
 
 # ----------------------------------------------------------------------------- policy loss
@@ -280,11 +347,11 @@ class LinearPolicyLossFunction(torch.autograd.Function):
     differentiable in hidden, weight and bias, its gradient formed in the forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, rows, opts, inputs, config, metric_keys, extras):
-        head = LinearHead(hidden, weight, bias, rows, labels, opts)
+    def forward(ctx, hidden, weight, bias, labels, rows, opts, inputs, config, metric_keys, extras, shard):
+        head = LinearHead(hidden, weight, bias, rows, labels, opts, shard)
         head.labels_checked()
         grads = HeadGrads(head, ctx.needs_input_grad)
-        fused = fused_kernel_applies(config) and opts.backend in registry.backends_for("policy_loss", hidden.device)
+        fused = shard is None and fused_kernel_applies(config) and opts.backend in registry.backends_for("policy_loss", hidden.device)
         path = _policy_fused if fused else _policy_two_pass
         loss, per_token, metrics = path(head, grads, inputs, config, extras)
         ctx.grads = [None if g is None else GradBuffer(g) for g in grads.finish()]
@@ -295,5 +362,5 @@ class LinearPolicyLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_per_token, grad_metrics):
         if grad_loss is None:
-            return (None,) * 10
-        return tuple(None if g is None else g.scaled(grad_loss) for g in ctx.grads) + (None,) * 7
+            return (None,) * 11
+        return tuple(None if g is None else g.scaled(grad_loss) for g in ctx.grads) + (None,) * 8

@@ -45,6 +45,9 @@ from ..reference.token_logprobs import finite_logp, row_chunks
 __all__ = [
     "check_vocab_parallel",
     "vocab_shard_range",
+    "block_stats",
+    "combine_stats",
+    "block_grad",
     "VocabParallelTokenLogprobsFunction",
     "vocab_parallel_token_logprobs",
     "vocab_parallel_sequence_logprobs",
@@ -93,6 +96,53 @@ def _ownership(labels: torch.Tensor, start: int, vocab: int, ignore_index: int):
     return keep, own, torch.where(own, local, torch.zeros_like(local))
 
 
+def block_stats(x: torch.Tensor, own: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """``[4, c]``: the per-row ``(m, s, t, x_y)`` of one chunk ``x = z / tau`` ``[c, V_r]`` of the
+    local shard, already in the accumulation dtype (``own`` / ``local``: ``_ownership``'s rows of
+    this chunk). Shared by the logits-level op and the vocabulary-parallel linear ops."""
+    m = x.amax(-1)  # NaN propagates
+    m_safe = torch.where(m == float("-inf"), torch.zeros_like(m), m)  # an all -inf shard row
+    d = x - m_safe.unsqueeze(-1)
+    e = d.exp()
+    t = torch.where(x == float("-inf"), torch.zeros_like(d), e * d).sum(-1)
+    x_y = x.gather(-1, local.unsqueeze(-1)).squeeze(-1)
+    return torch.stack([m, e.sum(-1), t, torch.where(own, x_y, torch.zeros_like(x_y))])
+
+
+def combine_stats(stats: torch.Tensor, keep: torch.Tensor, group):
+    """``(logp, entropy, lse)`` ``[n]``, identical on every rank, from this rank's ``[4, n]``
+    ``block_stats``: two all-reduces (MAX of ``[n]``, SUM of ``[3, n]``). Rows not in ``keep``
+    give logp = entropy = 0 (their lse is whatever the stats give)."""
+    m, s, t, x_y = stats.unbind(0)
+    big = m.clone()
+    dist.all_reduce(big, op=dist.ReduceOp.MAX, group=group)
+    ninf = float("-inf")
+    big = torch.where(big == ninf, torch.zeros_like(big), big)  # every shard -inf: lse = -inf
+    scale = torch.where(m == ninf, torch.zeros_like(m), (m - big).exp())
+    delta = torch.where(m == ninf, torch.zeros_like(m), m - big)
+    sums = torch.stack([scale * s, scale * (t + delta * s), x_y])
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    total, tsum, x_y = sums.unbind(0)
+    log_total = total.log()
+    lse = big + log_total
+    entropy = log_total - tsum / total
+    zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
+    return torch.where(keep, x_y - lse, zero), torch.where(keep, entropy, zero), lse
+
+
+def block_grad(x, lse, entropy, g_lp, g_h, own, local) -> torch.Tensor:
+    """dL/dx ``[c, V_r]`` of one chunk ``x = z / tau`` (accumulation dtype; divide by tau for
+    dL/dz) from the global ``lse`` / ``entropy`` ``[c]`` and the upstream ``g_lp`` ``[c]``,
+    ``g_h`` ``[c]`` or None: ``g_lp (1[j = y] - p_j) - g_h p_j (log p_j + H)``. No communication."""
+    log_p = x - lse.unsqueeze(-1)
+    p = log_p.exp()
+    grad = -p * g_lp.unsqueeze(-1)
+    grad.scatter_add_(-1, local.unsqueeze(-1), torch.where(own, g_lp, torch.zeros_like(g_lp)).unsqueeze(-1))
+    if g_h is not None:
+        grad -= p * (finite_logp(log_p) + entropy.unsqueeze(-1)) * g_h.unsqueeze(-1)
+    return grad
+
+
 def _local_stats(logits, labels, temperature, ignore_index, start, chunk_rows):
     """Per-row (m, s, t, x_y) of the local shard, chunk by chunk (see the module docstring)."""
     n, v = labels.numel(), logits.shape[-1]
@@ -100,16 +150,7 @@ def _local_stats(logits, labels, temperature, ignore_index, start, chunk_rows):
     stats = torch.zeros(4, n, dtype=acc, device=logits.device)
     _, own, local = _ownership(labels, start, v, ignore_index)
     for rows, block in row_chunks(logits, _chunk(n, v, chunk_rows)):
-        x = block.to(acc) / temperature
-        m = x.amax(-1)  # NaN propagates
-        m_safe = torch.where(m == float("-inf"), torch.zeros_like(m), m)  # an all -inf shard row
-        d = x - m_safe.unsqueeze(-1)
-        e = d.exp()
-        stats[0, rows] = m
-        stats[1, rows] = e.sum(-1)
-        stats[2, rows] = torch.where(x == float("-inf"), torch.zeros_like(d), e * d).sum(-1)
-        x_y = x.gather(-1, local[rows].unsqueeze(-1)).squeeze(-1)
-        stats[3, rows] = torch.where(own[rows], x_y, torch.zeros_like(x_y))
+        stats[:, rows] = block_stats(block.to(acc) / temperature, own[rows], local[rows])
     return stats
 
 
@@ -119,23 +160,8 @@ class VocabParallelTokenLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, temperature, ignore_index, group, start, inplace_backward, chunk_rows):
-        m, s, t, x_y = _local_stats(logits, labels, temperature, ignore_index, start, chunk_rows)
-        big = m.clone()
-        dist.all_reduce(big, op=dist.ReduceOp.MAX, group=group)
-        ninf = float("-inf")
-        big = torch.where(big == ninf, torch.zeros_like(big), big)  # every shard -inf: lse = -inf
-        scale = torch.where(m == ninf, torch.zeros_like(m), (m - big).exp())
-        delta = torch.where(m == ninf, torch.zeros_like(m), m - big)
-        sums = torch.stack([scale * s, scale * (t + delta * s), x_y])
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-        total, tsum, x_y = sums.unbind(0)
-        log_total = total.log()
-        lse = big + log_total
-        entropy = log_total - tsum / total
-        keep = labels != ignore_index
-        zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
-        logp = torch.where(keep, x_y - lse, zero)
-        entropy = torch.where(keep, entropy, zero)
+        stats = _local_stats(logits, labels, temperature, ignore_index, start, chunk_rows)
+        logp, entropy, lse = combine_stats(stats, labels != ignore_index, group)
         ctx.save_for_backward(logits, labels, lse, entropy)
         ctx.args = (temperature, ignore_index, start, inplace_backward, chunk_rows)
         ctx.set_materialize_grads(False)
@@ -154,13 +180,8 @@ class VocabParallelTokenLogprobsFunction(torch.autograd.Function):
         step = _chunk(n, v, chunk_rows)
         for (rows, block), (_, grad_block) in zip(row_chunks(logits, step), row_chunks(grad_out, step)):
             x = block.to(acc) / temperature  # read before grad_block (maybe the same memory) is written
-            log_p = x - lse[rows].unsqueeze(-1)
-            p = log_p.exp()
-            g = g_lp[rows]
-            grad = -p * g.unsqueeze(-1)
-            grad.scatter_add_(-1, local[rows].unsqueeze(-1), torch.where(own[rows], g, 0.0).unsqueeze(-1))
-            if g_h is not None:
-                grad -= p * (finite_logp(log_p) + entropy[rows].unsqueeze(-1)) * g_h[rows].unsqueeze(-1)
+            grad = block_grad(x, lse[rows], entropy[rows], g_lp[rows], None if g_h is None else g_h[rows],
+                              own[rows], local[rows])
             # exact zeros on ignored rows, whatever their logits hold
             grad_block.copy_((grad / temperature).masked_fill_(~keep[rows].unsqueeze(-1), 0.0))
         return grad_out, None, None, None, None, None, None, None
