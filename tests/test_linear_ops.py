@@ -340,3 +340,33 @@ def test_bad_policy_inputs():
         linear_policy_loss(h, w, lab, old, adv, process_group=object())
     with pytest.raises(ValueError, match="2B rows"):
         linear_dpo_loss(h[:1], w, lab[:1], torch.zeros(1), torch.zeros(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_extra_outputs_match_the_materialised_logits(dtype):
+    """mean_logits, log_sum_sq_probs, is_top1 (TRL's fused-head extras): no gradient, 0 / False
+    at ignored positions, equal to their definitions on the materialised transformed logits."""
+    g = torch.Generator().manual_seed(7)
+    n, h, v = 11, 6, 41
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, generator=g, dtype=torch.float64) * 2).to(dtype)
+    bias = torch.randn(v, generator=g, dtype=torch.float64).to(dtype)
+    x64 = hidden.detach().double() @ weight.double().T + bias.double()
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[3] = -100
+    labels[5] = int(x64[5].argmax())  # at least one top-1 hit
+    logp, ent, mean, lss, top1 = fastpo.linear_token_logprobs(
+        hidden, weight, labels, bias=bias, temperature=0.8, softcap=5.0, logit_scale=1.5, return_entropy=True,
+        return_mean_logits=True, return_log_sum_sq_probs=True, return_is_top1=True, chunk_size=4)
+    z = x64 if dtype in (torch.float32, torch.float64) else x64.to(dtype).double()
+    xs = 5.0 * torch.tanh(z / 5.0)
+    xs = (xs if dtype in (torch.float32, torch.float64) else xs.to(dtype).double()) * 1.5 / 0.8
+    keep = labels != -100
+    p = torch.softmax(xs, -1)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert rel_err(mean[keep], xs.mean(-1)[keep]) <= tol and mean[3] == 0
+    assert rel_err(lss[keep], torch.log((p * p).sum(-1))[keep]) <= tol and lss[3] == 0
+    assert top1.dtype == torch.bool and not top1[3] and top1[5]
+    assert torch.equal(top1[keep], (xs.argmax(-1) == labels)[keep])
+    assert not mean.requires_grad and not lss.requires_grad and logp.requires_grad
+    assert fastpo.linear_token_logprobs(hidden, weight, labels, return_is_top1=True)[1].dtype == torch.bool

@@ -15,7 +15,7 @@ import torch
 from .._validation import LOGIT_DTYPES, check_temperature
 from ..config import METRIC_KEYS, PolicyLossConfig, PolicyLossOutput
 from ..ops import registry
-from ..ops.linear_head import (HeadOptions, LinearPolicyLossFunction, LinearTokenLogprobsFunction, PolicyInputs,
+from ..ops.linear_head import (EXTRAS, HeadOptions, LinearPolicyLossFunction, LinearTokenLogprobsFunction, PolicyInputs,
                                VocabShard)
 from ..ops.vocab_parallel import check_vocab_parallel, vocab_shard_range
 from ..ops.policy_loss import PolicyExtras
@@ -111,6 +111,9 @@ def linear_token_logprobs(
     softcap: float | None = None,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    return_mean_logits: bool = False,
+    return_log_sum_sq_probs: bool = False,
+    return_is_top1: bool = False,
     chunk_size: int | None = None,
     process_group=None,
     backend: str = "auto",
@@ -125,6 +128,11 @@ def linear_token_logprobs(
             ``x = cap(hidden @ weight.T + bias) * logit_scale / temperature`` with
             ``cap(z) = softcap * tanh(z / softcap)`` (Gemma 2) or the identity (softcap None).
         return_entropy: also return ``H = -sum_j p_j log p_j`` (differentiable).
+        return_mean_logits, return_log_sum_sq_probs, return_is_top1: also return, without
+            gradient, the mean of the transformed logits over V, ``log sum_j p_j^2`` and whether
+            the label is the (first) argmax — the extra outputs of TRL 1.16's fused LM head —
+            computed on the same chunks (no extra GEMM); 0 / False at ignored positions. Not
+            with ``process_group``.
         chunk_size: kept rows per chunk of logits; None: ``floor(128 MiB / (4 V))`` rows, at
             least 1, at most the number of kept rows (``fastpo.ops.linear_head.default_chunk_size``).
         process_group: vocabulary parallel (DESIGN.md §4): a ``torch.distributed`` group over
@@ -145,7 +153,8 @@ def linear_token_logprobs(
 
     Returns:
         ``logprobs`` shaped like ``labels``, fp32 (fp64 for fp64 inputs), ``x_y - logsumexp(x)``;
-        or ``(logprobs, entropy)``. Equal to ``token_logprobs(x, labels, ...)`` on the
+        or a tuple ``(logprobs, entropy?, mean_logits?, log_sum_sq_probs?, is_top1?)`` of what
+        was asked for, in that order. Equal to ``token_logprobs(x, labels, ...)`` on the
         materialised logits. Ignored positions give 0, cost no matmul and get zero gradient.
 
     Cost: forward 1 GEMM per chunk (keeps ``[K]`` vectors only), backward 3 (recomputed logits,
@@ -157,9 +166,12 @@ def linear_token_logprobs(
     shard = _vocab_shard(process_group, backend, weight)
     opts = _options(name, hidden, temperature, logit_scale, softcap, ignore_index, chunk_size, backend)
     h2, rows, kept_labels = _rows(hidden, labels, labels != ignore_index)
-    logp, entropy = LinearTokenLogprobsFunction.apply(h2, weight, bias, kept_labels, rows, opts, shard)
-    logp = logp.view(labels.shape)
-    return (logp, entropy.view(labels.shape)) if return_entropy else logp
+    flags = (return_mean_logits, return_log_sum_sq_probs, return_is_top1)
+    extras = tuple(name for name, on in zip(EXTRAS, flags) if on)
+    logp, entropy, *more = LinearTokenLogprobsFunction.apply(h2, weight, bias, kept_labels, rows, opts, shard, extras)
+    outs = [logp] + ([entropy] if return_entropy else []) + more
+    outs = [o.view(labels.shape) for o in outs]
+    return outs[0] if len(outs) == 1 else tuple(outs)
 
 
 def linear_sequence_logprobs(

@@ -186,18 +186,46 @@ def _scatter(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
     return values.new_zeros(n).index_copy_(0, rows, values)
 
 
-def _token_pass(head: LinearHead):
-    """Forward chunk loop: (logp, entropy, lse) of the kept rows, each ``[K]``."""
+EXTRAS = ("mean_logits", "log_sum_sq_probs", "is_top1")
+
+
+def _extras_of_chunk(x: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, kt: float, which) -> list:
+    """The no-gradient per-token extras TRL's fused head returns, for one chunk of logits ``x``
+    (after the softcap; the transformed logits are ``x / kt``): ``mean_logits`` (their mean over
+    V), ``log_sum_sq_probs`` (log sum_j p_j^2 = logsumexp(2 x / kt) - 2 lse), ``is_top1`` (the
+    label is the first argmax)."""
+    out = []
+    xs = x.to(lse.dtype) / kt if ("mean_logits" in which or "log_sum_sq_probs" in which) else None
+    for name in which:
+        if name == "mean_logits":
+            out.append(xs.mean(-1))
+        elif name == "log_sum_sq_probs":
+            out.append(torch.logsumexp(2.0 * xs, -1) - 2.0 * lse)
+        else:
+            out.append(x.argmax(-1) == labels)
+    return out
+
+
+def _token_pass(head: LinearHead, extras=()):
+    """Forward chunk loop: (logp, entropy, lse) of the kept rows, each ``[K]``, then the
+    requested ``EXTRAS`` (``[K]`` each; computed on the same chunk of logits, no extra GEMM)."""
     if head.shard is not None:
+        if extras:
+            raise NotImplementedError(f"{', '.join(extras)} with process_group are not implemented")
         return _sharded_token_pass(head)
-    out = [torch.empty(head.kept, dtype=head.acc, device=head.hidden.device) for _ in range(3)]
+    dev = head.hidden.device
+    out = [torch.empty(head.kept, dtype=head.acc, device=dev) for _ in range(3)]
+    more = [torch.empty(head.kept, dtype=torch.bool if e == "is_top1" else head.acc, device=dev) for e in extras]
     o = head.opts
     for sl in head.chunks():
         _, x, _ = head.logits(sl)
         for dst, src in zip(out, token_logprobs_fwd_op(x, head.labels[sl], o.kernel_temperature,
                                                        o.ignore_index, o.backend)):
             dst[sl] = src
-    return out
+        for dst, src in zip(more, _extras_of_chunk(x, head.labels[sl], out[2][sl], o.kernel_temperature, extras)):
+            dst[sl] = src
+        del x
+    return out + more
 
 
 def _token_grad_pass(head: LinearHead, grads: HeadGrads, lse, entropy, g_lp, g_h) -> None:
@@ -245,19 +273,21 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
     differentiable in hidden, weight and bias. Rows not in ``rows`` give 0 (zero gradient)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, rows, opts, shard):
+    def forward(ctx, hidden, weight, bias, labels, rows, opts, shard, extras=()):
         head = LinearHead(hidden, weight, bias, rows, labels, opts, shard)
         head.labels_checked()
-        logp, entropy, lse = _token_pass(head)
+        logp, entropy, lse, *more = _token_pass(head, extras)
         ctx.save_for_backward(hidden, weight, bias, labels, rows, lse, entropy)
         ctx.opts, ctx.shard = opts, shard
         ctx.set_materialize_grads(False)
         n = hidden.shape[0]
-        return _scatter(logp, rows, n), _scatter(entropy, rows, n)
+        more = [_scatter(m, rows, n) for m in more]
+        ctx.mark_non_differentiable(*more)
+        return (_scatter(logp, rows, n), _scatter(entropy, rows, n), *more)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logp, grad_entropy):
+    def backward(ctx, grad_logp, grad_entropy, *_extras):
         hidden, weight, bias, labels, rows, lse, entropy = ctx.saved_tensors
         head = LinearHead(hidden, weight, bias, rows, labels, ctx.opts, ctx.shard)
         grads = HeadGrads(head, ctx.needs_input_grad)
@@ -266,7 +296,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
             g_lp = pick(grad_logp) if grad_logp is not None else torch.zeros_like(lse)
             g_h = pick(grad_entropy) if grad_entropy is not None else None
             _token_grad_pass(head, grads, lse, entropy, g_lp, g_h)
-        return grads.finish() + (None,) * 4  # vocabulary parallel: finish all-reduces dh
+        return grads.finish() + (None,) * 5  # vocabulary parallel: finish all-reduces dh
 
 
 # ----------------------------------------------------------------------------- policy loss
