@@ -34,7 +34,8 @@ derivatives on ``[B, T]``, then the gradient pass), the dh all-reduce in its for
 The transform: ``x = softcap * tanh(z / softcap)`` (if softcap), ``x * logit_scale / T``. The
 kernels receive ``x`` before the scale and the temperature ``T / logit_scale``, the same
 number, so the scale costs no pass over the chunk. Peak extra memory: a few chunk-sized
-buffers (``chunk x V``), the fp32 ``V x H`` accumulator of dW and the gradients; never N x V.
+buffers (``chunk x V``), the fp32 ``V x H`` accumulator of dW (for 16-bit inputs also one
+16-bit ``V x H`` partial per chunk, see ``HeadGrads.add``) and the gradients; never N x V.
 """
 from __future__ import annotations
 
@@ -163,8 +164,12 @@ class HeadGrads:
         if self.dw is not None:
             if dz.dtype == self.dw.dtype:
                 self.dw.addmm_(dz.t(), h)
-            else:  # bf16 / fp16: an fp32 GEMM on chunk-sized upcasts, no V x H temporary
-                self.dw.addmm_(dz.t().to(self.dw.dtype), h.to(self.dw.dtype))
+            else:
+                # bf16 / fp16: the chunk's partial dW from a 16-bit GEMM (fp32 accumulation
+                # inside, one rounding), summed across chunks in fp32. torch has no fp32-output
+                # 16-bit matmul on CPU (aten::mm.dtype is CUDA-only), and an fp32 GEMM on
+                # upcast chunks is 3-4x slower here; the cost is one V x H 16-bit temporary.
+                self.dw.add_(torch.mm(dz.t(), h))
         if self.db is not None:
             self.db.add_(dz.sum(0, dtype=self.db.dtype))
 
