@@ -1,4 +1,4 @@
-"""Command line: `fastpo verify`, `fastpo bench` and `fastpo aot` (DESIGN.md §5)."""
+"""Command line: `fastpo verify`, `fastpo bench`, `fastpo aot` and `fastpo train` (DESIGN.md §5)."""
 from __future__ import annotations
 
 import argparse
@@ -164,6 +164,23 @@ def cmd_aot(args) -> int:
     return 1 if bad or not rows else 0
 
 
+def cmd_train(args) -> int:
+    from .trainers import run_stage  # transformers is imported only here (the optional `train` extra)
+
+    try:
+        summary = run_stage(args.stage, args.out or f"fastpo-runs/{args.stage}", model=args.model,
+                            steps=args.steps, seed=args.seed, sft_steps=args.sft_steps,
+                            eval_prompts=args.eval_prompts, eval_every=args.eval_every)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"fastpo train: error: {e}", file=sys.stderr)
+        return 2
+    before, after = summary["before"] or {}, summary["after"] or {}
+    print(f"{summary['stage']}: {summary['steps']} steps in {summary['seconds']:.1f} s; greedy accuracy "
+          f"{before.get('accuracy', float('nan')):.3f} -> {after.get('accuracy', float('nan')):.3f} "
+          f"(hard {after.get('hard_accuracy', float('nan')):.3f})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     import fastpo  # noqa: F401  (sets up the Triton interpreter before triton is imported)
 
@@ -186,8 +203,18 @@ def main(argv: list[str] | None = None) -> int:
     only = a.add_mutually_exclusive_group()
     only.add_argument("--triton-only", action="store_true")
     only.add_argument("--cuda-only", action="store_true")
+    t = sub.add_parser("train", help="train the embedded default (addition, tiny Llama): sft, grpo or dpo")
+    t.add_argument("stage", choices=("sft", "grpo", "dpo"))
+    t.add_argument("--model", help="start from this model dir (default: a fresh model for sft, <out parent>/sft "
+                   "otherwise, trained first if missing)")
+    t.add_argument("--out", help="output dir (default fastpo-runs/STAGE)")
+    t.add_argument("--steps", type=int, help="training steps (default: the stage's config)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--sft-steps", type=int, help="steps of the SFT run made when <out parent>/sft is missing")
+    t.add_argument("--eval-prompts", type=int, default=400, help="fresh prompts per greedy evaluation")
+    t.add_argument("--eval-every", type=int, help="steps between evaluations (0: before and after only)")
     args = parser.parse_args(argv)
-    return {"verify": cmd_verify, "bench": cmd_bench, "aot": cmd_aot}[args.command](args)
+    return {"verify": cmd_verify, "bench": cmd_bench, "aot": cmd_aot, "train": cmd_train}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,152 @@
+"""GRPO (Shao et al. 2024, DeepSeekMath): sample a group of completions per prompt, score them,
+normalise the rewards within each group, and take clipped policy-gradient steps with a KL to a
+frozen reference.
+
+Per step: G completions for each of P prompts (``model.generate``); A_i = (r_i - mean_g r) /
+(std_g r + eps) (``fastpo.group_advantages``), broadcast to the completion tokens; then
+``num_iterations`` x ``num_minibatches`` updates of ``fastpo.linear_policy_loss`` (the clipped
+surrogate of PPO, eq. 7 of Schulman et al. 2017, plus ``kl_coef`` x the k3 estimator of
+KL(pi || pi_ref), eq. 4 of DeepSeekMath) on the trunk's hidden states and the head. The old
+policy's log-probs need their own forward only with several minibatches: otherwise the first
+update's forward is the old policy, and its log-probs are taken from it (detached).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+
+import fastpo
+
+from .common import MetricsWriter, check_dataset, linear_warmup, load_policy, sum_rewards, torch_threads
+from .rollout import generate, head, hidden_states, pack
+
+
+@dataclass
+class GRPOConfig:
+    steps: int = 100
+    prompts_per_step: int = 16
+    group_size: int = 8
+    max_new_tokens: int = 4
+    temperature: float = 1.0
+    lr: float = 2e-4
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    num_iterations: int = 1        # updates per batch of rollouts (TRL's num_iterations)
+    num_minibatches: int = 1
+    advantage_eps: float = 1e-4
+    loss: fastpo.PolicyLossConfig = field(
+        default_factory=lambda: fastpo.PolicyLossConfig(kl_coef=0.02, kl_estimator="k3"))
+    eval_every: int = 25
+    seed: int = 0
+    num_threads: int | None = 1
+
+
+@torch.no_grad()
+def token_logprobs(model, batch) -> torch.Tensor:
+    weight, bias = head(model)
+    return fastpo.linear_token_logprobs(hidden_states(model, batch), weight, batch.labels, bias=bias)
+
+
+def grpo_loss(model, batch, advantages, old_logprobs=None, ref_logprobs=None,
+              config: fastpo.PolicyLossConfig = fastpo.PolicyLossConfig()):
+    """``(PolicyLossOutput, old_logprobs)`` for one packed batch; ``old_logprobs`` None: the
+    batch is on-policy and they come, detached, from this very forward."""
+    weight, bias = head(model)
+    hidden = hidden_states(model, batch)
+    if old_logprobs is None:
+        with torch.no_grad():
+            old_logprobs = fastpo.linear_token_logprobs(hidden.detach(), weight.detach(), batch.labels,
+                                                        bias=None if bias is None else bias.detach())
+    out = fastpo.linear_policy_loss(hidden, weight, batch.labels, old_logprobs, advantages, bias=bias,
+                                    ref_logprobs=ref_logprobs if config.kl_coef > 0 else None, config=config)
+    return out, old_logprobs
+
+
+class GRPOTrainer:
+    """``GRPOTrainer(model_or_dir, tokenizer, reward_fns, prompts, config).train()``; reward
+    functions ``fn(prompts, completions) -> list[float]`` are summed."""
+
+    def __init__(self, model, tokenizer=None, reward_fns=(), dataset=(), config: GRPOConfig | None = None, *,
+                 evaluator=None, metrics_path: str | None = None):
+        self.model, self.tokenizer = load_policy(model, tokenizer)
+        self.reward_fns = [reward_fns] if callable(reward_fns) else list(reward_fns)
+        if not self.reward_fns:
+            raise ValueError("GRPOTrainer: pass at least one reward function fn(prompts, completions)")
+        self.dataset = check_dataset("GRPOTrainer", dataset)
+        self.config = cfg = config or GRPOConfig()
+        if (cfg.prompts_per_step * cfg.group_size) % cfg.num_minibatches:
+            raise ValueError("GRPOTrainer: prompts_per_step * group_size must split into num_minibatches")
+        self.reference = None
+        if cfg.loss.kl_coef > 0:
+            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.evaluator, self.metrics = evaluator, MetricsWriter(metrics_path)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0)
+        self.scheduler = linear_warmup(self.optimizer, cfg.warmup_steps)
+        self.step = 0
+
+    def evaluate(self):
+        if self.evaluator is not None:
+            return self.metrics.write(type="eval", step=self.step, **self.evaluator(self.model, self.tokenizer))
+
+    def rollout(self, generator):
+        cfg = self.config
+        idx = torch.randint(len(self.dataset), (cfg.prompts_per_step,), generator=generator).tolist()
+        prompts = [self.dataset[i] for i in idx]
+        ro = generate(self.model, self.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                      temperature=cfg.temperature, num_return_sequences=cfg.group_size)
+        repeated = [p for p in prompts for _ in range(cfg.group_size)]
+        rewards = sum_rewards(self.reward_fns, repeated, ro.texts)
+        return ro, rewards
+
+    def train_step(self, generator) -> dict:
+        cfg = self.config
+        ro, rewards = self.rollout(generator)
+        batch = pack(ro)
+        mask = batch.labels != -100
+        adv = fastpo.group_advantages(rewards, cfg.group_size, eps=cfg.advantage_eps)
+        adv = adv.to(mask.device)[:, None] * mask
+        ref = token_logprobs(self.reference, batch) if self.reference is not None else None
+        rows = batch.input_ids.shape[0]
+        chunks = torch.arange(rows).chunk(cfg.num_minibatches)
+        old = token_logprobs(self.model, batch) if cfg.num_minibatches > 1 else None
+        losses, metrics = [], []
+        for _ in range(cfg.num_iterations):
+            for ids in chunks:
+                out, old_mb = grpo_loss(self.model, batch.rows(ids), adv[ids],
+                                        None if old is None else old[ids],
+                                        None if ref is None else ref[ids], cfg.loss)
+                if old is None:  # one minibatch: this first forward was the old policy
+                    old = old_mb
+                self.optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                losses.append(out.loss.item())
+                metrics.append(out.metrics)
+        first = metrics[0]  # statistics of the on-policy update: ratio 1, the KL of the rollout
+        return {"loss": sum(losses) / len(losses), "reward": rewards.mean().item(),
+                "reward_std": rewards.std().item(), "kl": first["ref_kl"].item(),
+                "clip_frac_low": metrics[-1]["clip_frac_low"].item(),
+                "clip_frac_high": metrics[-1]["clip_frac_high"].item(),
+                "ratio_mean": metrics[-1]["ratio_mean"].item(),
+                "completion_length": mask.sum(-1).float().mean().item()}
+
+    def train(self):
+        cfg = self.config
+        generator = torch.Generator().manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # sampling in model.generate
+        with torch_threads(cfg.num_threads):
+            self.model.train()
+            self.evaluate()
+            while self.step < cfg.steps:
+                lr = self.scheduler.get_last_lr()[0]
+                row = self.train_step(generator)
+                self.step += 1
+                self.metrics.write(type="train", step=self.step, lr=lr, **row)
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    self.evaluate()
+            self.evaluate()
+        return self.metrics.rows

@@ -1,0 +1,85 @@
+"""Supervised fine-tuning: token-mean negative log-likelihood of the completion tokens.
+
+loss = -(1/N) sum_{completion tokens t} log pi(y_t | y_<t), N the number of completion tokens
+(EOS included), from the trunk's hidden states and the head via ``fastpo.linear_token_logprobs``
+(logits never materialised).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import fastpo
+
+from .common import MetricsWriter, check_dataset, linear_warmup, load_policy, torch_threads
+from .rollout import encode_completions, head, hidden_states, pack
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_every: int = 250          # 0: only before and after training
+    seed: int = 0
+    num_threads: int | None = 1    # torch threads during train(); None leaves torch's setting
+
+
+def sft_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token-mean NLL, number of completion tokens) of one packed batch."""
+    weight, bias = head(model)
+    logp = fastpo.linear_token_logprobs(hidden_states(model, batch), weight, batch.labels, bias=bias)
+    n = (batch.labels != -100).sum()
+    return -logp.sum() / n.clamp_min(1), n
+
+
+class SFTTrainer:
+    """``SFTTrainer(model_or_dir, tokenizer, dataset, config).train()``; dataset: (prompt,
+    completion) string pairs (EOS is appended). ``evaluator(model, tokenizer) -> dict`` runs
+    every ``eval_every`` steps."""
+
+    def __init__(self, model, tokenizer=None, dataset=(), config: SFTConfig | None = None, *,
+                 evaluator=None, metrics_path: str | None = None):
+        self.model, self.tokenizer = load_policy(model, tokenizer)
+        self.dataset = check_dataset("SFTTrainer", dataset)
+        self.config = config or SFTConfig()
+        self.evaluator, self.metrics = evaluator, MetricsWriter(metrics_path)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.config.lr,
+                                           weight_decay=self.config.weight_decay)
+        self.scheduler = linear_warmup(self.optimizer, self.config.warmup_steps)
+        self.step = 0
+
+    def batch(self, generator):
+        idx = torch.randint(len(self.dataset), (self.config.batch_size,), generator=generator).tolist()
+        prompts, completions = zip(*(self.dataset[i] for i in idx))
+        device = next(self.model.parameters()).device
+        return pack(encode_completions(self.tokenizer, list(prompts), list(completions), device))
+
+    def evaluate(self):
+        if self.evaluator is not None:
+            return self.metrics.write(type="eval", step=self.step, **self.evaluator(self.model, self.tokenizer))
+
+    def train(self):
+        cfg = self.config
+        generator = torch.Generator().manual_seed(cfg.seed)
+        with torch_threads(cfg.num_threads):
+            self.model.train()
+            self.evaluate()
+            while self.step < cfg.steps:
+                loss, n = sft_loss(self.model, self.batch(generator))
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                lr = self.scheduler.get_last_lr()[0]
+                self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+                self.metrics.write(type="train", step=self.step, lr=lr, loss=loss.item(), tokens=n.item())
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    self.evaluate()
+            self.evaluate()
+        return self.metrics.rows
