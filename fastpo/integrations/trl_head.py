@@ -1,0 +1,106 @@
+"""The stand-in for TRL 1.16's fused LM head, ``trl.kernels.ChunkedLogProbFunction``.
+
+``add_fused_lm_head`` (``trl/trainer/utils.py``) calls, at every fused forward,
+``trl.trainer.utils._ChunkedLogProbFunction.apply(hidden [N, H], weight [V, H], bias [V] | None,
+targets [N], temperature, chunk_size, final_logit_softcapping, logit_scale, outputs)`` and
+unpacks ``(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)``, each ``[N]`` or None.
+``FastpoChunkedLogProb.apply`` keeps that contract and runs ``fastpo.linear_token_logprobs``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from .._validation import LOGIT_DTYPES
+from ..functional.linear import linear_token_logprobs
+
+__all__ = ["FastpoChunkedLogProb", "TRL_OPTIONAL_OUTPUTS"]
+
+# TRL's ``OPTIONAL_OUTPUTS`` (trl/kernels/chunked_logprob.py), in the order of its return tuple
+TRL_OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+_warned: set[str] = set()
+
+
+def _trl_function():
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+    return ChunkedLogProbFunction
+
+
+def _zero3() -> bool:
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:
+        return False
+    return bool(is_deepspeed_zero3_enabled())
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def _fastpo_options(temperature, softcap, logit_scale):
+    """fastpo's ``(softcap, logit_scale)`` for TRL's transform, or None when not expressible.
+
+    TRL: ``x = s * tanh(z * L / s) / T``; fastpo: ``x = c * tanh(z / c) * L / T``. They agree
+    with ``c = s / L``, so only ``L > 0`` and ``s > 0`` (finite) are needed."""
+    if not (_positive(temperature) and _positive(logit_scale)):
+        return None
+    if softcap is None:
+        return None, float(logit_scale)
+    if not _positive(softcap):
+        return None
+    return float(softcap) / float(logit_scale), float(logit_scale)
+
+
+def _why_not(hidden, weight, targets, temperature, softcap, logit_scale, outputs) -> str | None:
+    if hidden.dim() != 2 or weight.dim() != 2 or targets.dim() != 1 or hidden.dtype not in LOGIT_DTYPES:
+        return "inputs other than hidden [N, H] float, weight [V, H], targets [N]"
+    if any(name not in TRL_OPTIONAL_OUTPUTS + ("log_probs",) for name in outputs):
+        return f"unknown outputs {tuple(outputs)}"
+    if _fastpo_options(temperature, softcap, logit_scale) is None:
+        return "temperature / logit_scale / final_logit_softcapping not all finite and > 0"
+    if _zero3():
+        return "DeepSpeed ZeRO-3 (the backward must re-gather the head)"
+    return None
+
+
+class FastpoChunkedLogProb:
+    """``trl.kernels.ChunkedLogProbFunction.apply``'s contract, computed by fastpo.
+
+    Compute dtype as in TRL: the autocast dtype when autocast is on for hidden's device, else
+    hidden's; hidden, weight and bias are cast to it (differentiably) and the op runs with
+    autocast off, accumulating in fp32. Outputs: ``log_probs`` ``[N]`` fp32 and, when named in
+    ``outputs``, ``entropy`` ``[N]`` fp32 (differentiable), ``log_sum_sq_probs``,
+    ``mean_logits`` ``[N]`` fp32 and ``is_top1`` ``[N]`` bool (no gradient); None otherwise.
+    ``chunk_size`` is TRL's vocabulary tile width; fastpo chunks by rows
+    (``fastpo.ops.linear_head.default_chunk_size``) and ignores it. Inputs fastpo does not take
+    (see ``_why_not``) go to TRL's own function, with a one-time warning.
+    """
+
+    @staticmethod
+    def apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
+              logit_scale=1.0, outputs=TRL_OPTIONAL_OUTPUTS):
+        why = _why_not(hidden, weight, targets, temperature, final_logit_softcapping, logit_scale, outputs)
+        if why is not None:
+            if why not in _warned:
+                _warned.add(why)
+                warnings.warn(f"fastpo.integrations.trl: {why}; using TRL's ChunkedLogProbFunction", stacklevel=2)
+            return _trl_function().apply(hidden, weight, bias, targets, temperature, chunk_size,
+                                         final_logit_softcapping, logit_scale, outputs)
+        softcap, scale = _fastpo_options(temperature, final_logit_softcapping, logit_scale)
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        with torch.autocast(device, enabled=False):
+            got = linear_token_logprobs(
+                hidden.to(dtype), weight.to(dtype), targets, bias=None if bias is None else bias.to(dtype),
+                temperature=float(temperature), logit_scale=scale, softcap=softcap,
+                return_entropy="entropy" in outputs, return_mean_logits="mean_logits" in outputs,
+                return_log_sum_sq_probs="log_sum_sq_probs" in outputs, return_is_top1="is_top1" in outputs)
+        got = list(got) if isinstance(got, tuple) else [got]
+        # fastpo's order: logp, entropy?, mean_logits?, log_sum_sq_probs?, is_top1?
+        named = dict(zip(["log_probs"] + [n for n in ("entropy", "mean_logits", "log_sum_sq_probs", "is_top1")
+                                          if n in outputs], got))
+        fp32 = lambda t: t if t is None or t.dtype in (torch.float32, torch.bool) else t.float()  # noqa: E731
+        return tuple(fp32(named.get(n)) for n in ("log_probs",) + TRL_OPTIONAL_OUTPUTS)
