@@ -167,14 +167,39 @@ def cmd_aot(args) -> int:
 def cmd_train(args) -> int:
     from .trainers import run_stage  # transformers is imported only here (the optional `train` extra)
 
+    if args.stage == "all":
+        import os
+
+        from .trainers.pipeline import format_report, run_all
+
+        if args.model or args.reward_model:
+            print("fastpo train: error: `all` builds every model itself (no --model / --reward-model)",
+                  file=sys.stderr)
+            return 2
+        out = args.out or "fastpo-runs"
+        try:
+            report = run_all(out, steps=args.steps, seed=args.seed, sft_steps=args.sft_steps,
+                             eval_prompts=args.eval_prompts, eval_every=args.eval_every)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"fastpo train: error: {e}", file=sys.stderr)
+            return 2
+        print(format_report(report))
+        print(f"wrote {os.path.join(out, 'report.json')}")
+        return 0
     try:
         summary = run_stage(args.stage, args.out or f"fastpo-runs/{args.stage}", model=args.model,
                             steps=args.steps, seed=args.seed, sft_steps=args.sft_steps,
-                            eval_prompts=args.eval_prompts, eval_every=args.eval_every)
+                            eval_prompts=args.eval_prompts, eval_every=args.eval_every,
+                            reward_model=args.reward_model)
     except (ValueError, FileNotFoundError) as e:
         print(f"fastpo train: error: {e}", file=sys.stderr)
         return 2
     before, after = summary["before"] or {}, summary["after"] or {}
+    if summary["stage"] == "rm":
+        print(f"rm: {summary['steps']} steps in {summary['seconds']:.1f} s; held-out pair accuracy "
+              f"{before.get('pair_accuracy', float('nan')):.3f} -> {after.get('pair_accuracy', float('nan')):.3f} "
+              f"(margin {after.get('margin', float('nan')):.2f})")
+        return 0
     print(f"{summary['stage']}: {summary['steps']} steps in {summary['seconds']:.1f} s; greedy accuracy "
           f"{before.get('accuracy', float('nan')):.3f} -> {after.get('accuracy', float('nan')):.3f} "
           f"(hard {after.get('hard_accuracy', float('nan')):.3f})")
@@ -203,8 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     only = a.add_mutually_exclusive_group()
     only.add_argument("--triton-only", action="store_true")
     only.add_argument("--cuda-only", action="store_true")
-    t = sub.add_parser("train", help="train the embedded default (addition, tiny Llama): sft, grpo or dpo")
-    t.add_argument("stage", choices=("sft", "grpo", "dpo"))
+    t = sub.add_parser("train", help="train the embedded default (addition, tiny Llama): sft, rm, ppo, grpo, "
+                       "dpo or all")
+    t.add_argument("stage", choices=("sft", "rm", "ppo", "grpo", "dpo", "all"),
+                   help="one stage, or all of them in sequence into --out/<stage> plus report.json")
     t.add_argument("--model", help="start from this model dir (default: a fresh model for sft, <out parent>/sft "
                    "otherwise, trained first if missing)")
     t.add_argument("--out", help="output dir (default fastpo-runs/STAGE)")
@@ -213,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--sft-steps", type=int, help="steps of the SFT run made when <out parent>/sft is missing")
     t.add_argument("--eval-prompts", type=int, default=400, help="fresh prompts per greedy evaluation")
     t.add_argument("--eval-every", type=int, help="steps between evaluations (0: before and after only)")
+    t.add_argument("--reward-model", help="ppo: optimise this reward model dir's score instead of the task reward "
+                   "(from `fastpo train rm`)")
     args = parser.parse_args(argv)
     return {"verify": cmd_verify, "bench": cmd_bench, "aot": cmd_aot, "train": cmd_train}[args.command](args)
 

@@ -85,3 +85,23 @@ def evaluate(model, tokenizer, *, n: int = 400, seed: int = 12345, batch_size: i
     return {"accuracy": mean(rewards),
             "easy_accuracy": mean([r for r, h in zip(rewards, hard) if not h]),
             "hard_accuracy": mean([r for r, h in zip(rewards, hard) if h])}
+
+
+def preference_pairs(n: int, seed: int) -> list[tuple[str, str, str]]:
+    """(prompt, correct answer, wrong answer) for reward-model training. The wrong answer is,
+    in equal shares: the sloppy demonstrator's (hundreds digit dropped; a random other answer on
+    easy problems), a uniformly random other answer in 000-198, or the correct one with one digit
+    changed. (One-digit changes of the ones digit are the hard part for the reward model.)"""
+    rng = random.Random(seed + 2)
+    out = []
+    for a, b in sample_problems(n, seed):
+        right, kind = answer_of(a, b), rng.randrange(3)
+        if kind == 0 and a + b >= 100:
+            wrong = "0" + right[1:]
+        elif kind < 2:
+            wrong = f"{rng.choice([x for x in range(199) if x != a + b]):03d}"
+        else:
+            i = rng.randrange(3)
+            wrong = right[:i] + rng.choice([d for d in "0123456789" if d != right[i]]) + right[i + 1:]
+        out.append((prompt_of(a, b), right, wrong))
+    return out

@@ -1,8 +1,11 @@
 """``fastpo train STAGE``: one stage of the default pipeline (addition task, tiny Llama) into a dir.
 
 Each stage writes ``<out>/`` = a Hugging Face model dir (``AutoModelForCausalLM`` +
-``AutoTokenizer``), ``metrics.jsonl`` (a row per step plus eval rows) and ``summary.json``.
-grpo and dpo start from ``--model`` or else ``<out parent>/sft``, trained first if missing.
+``AutoTokenizer``; for rm ``AutoModelForSequenceClassification``; ppo adds ``value_head.pt``),
+``metrics.jsonl`` (a row per step plus eval rows) and ``summary.json``. rm, ppo, grpo and dpo
+start from ``--model`` or else ``<out parent>/sft``, trained first if missing. ppo optimises the
+task reward, or with ``reward_model`` a learned reward model's score (the task reward is logged
+beside it as ``task_reward``).
 """
 from __future__ import annotations
 
@@ -19,9 +22,12 @@ from .common import load_policy, torch_threads
 from .default_model import build_model, build_tokenizer
 from .dpo import DPOConfig, DPOTrainer, sample_preference_pairs
 from .grpo import GRPOConfig, GRPOTrainer
+from .ppo import PPOConfig, PPOTrainer
+from .reward import RewardConfig, RewardModelScorer, RewardTrainer, reward_model_from
 from .sft import SFTConfig, SFTTrainer
 
-STAGES = ("sft", "grpo", "dpo")
+STAGES = ("sft", "rm", "ppo", "grpo", "dpo")
+RM_EVAL_PAIRS = 1000
 SFT_EXAMPLES = 20000
 DPO_PROMPTS = 1000
 DPO_SAMPLE_TEMPERATURE = 1.5  # wrong samples on easy problems too: pairs that cover both kinds
@@ -37,19 +43,23 @@ def _override(config, steps, seed, eval_every):
 
 
 def run_stage(stage: str, out: str, *, model: str | None = None, steps: int | None = None, seed: int = 0,
-              sft_steps: int | None = None, eval_prompts: int = 400, eval_every: int | None = None) -> dict:
+              sft_steps: int | None = None, eval_prompts: int = 400, eval_every: int | None = None,
+              reward_model: str | None = None) -> dict:
     """Train one stage into ``out`` and return its summary (also written to summary.json).
     Everything (sampling and evaluation included) runs with one torch thread on CPU."""
     with torch_threads(None if torch.cuda.is_available() else 1):
         return _run_stage(stage, out, model=model, steps=steps, seed=seed, sft_steps=sft_steps,
-                          eval_prompts=eval_prompts, eval_every=eval_every)
+                          eval_prompts=eval_prompts, eval_every=eval_every, reward_model=reward_model)
 
 
-def _run_stage(stage, out, *, model, steps, seed, sft_steps, eval_prompts, eval_every) -> dict:
+def _run_stage(stage, out, *, model, steps, seed, sft_steps, eval_prompts, eval_every, reward_model) -> dict:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
     if steps is not None and steps < 0:
         raise ValueError(f"--steps must be >= 0, got {steps}")
+    if reward_model is not None and stage != "ppo":
+        raise ValueError(f"--reward-model is for the ppo stage, not {stage!r}")
+    scorer = RewardModelScorer(reward_model) if reward_model is not None else None  # checked before any step
     evaluator = functools.partial(addition.evaluate, n=eval_prompts)
     if stage == "sft":
         if model is None:
@@ -71,6 +81,18 @@ def _run_stage(stage, out, *, model, steps, seed, sft_steps, eval_prompts, eval_
         config = _override(SFTConfig(), steps, seed, eval_every)
         trainer = SFTTrainer(policy, tokenizer, addition.demonstrations(SFT_EXAMPLES, seed), config,
                              evaluator=evaluator, metrics_path=metrics)
+    elif stage == "rm":
+        config = _override(RewardConfig(), steps, seed, eval_every)
+        trainer = RewardTrainer(reward_model_from(policy, tokenizer), tokenizer,
+                                addition.preference_pairs(SFT_EXAMPLES, seed + 11), config,
+                                eval_pairs=addition.preference_pairs(RM_EVAL_PAIRS, 54321), metrics_path=metrics)
+    elif stage == "ppo":
+        config = _override(PPOConfig(), steps, seed, eval_every)
+        rewards, monitors = addition.addition_reward, None
+        if scorer is not None:
+            rewards, monitors = scorer, {"task_reward": addition.addition_reward}
+        trainer = PPOTrainer(policy, tokenizer, rewards, addition.prompts(SFT_EXAMPLES, seed + 5), config,
+                             monitor_fns=monitors, evaluator=evaluator, metrics_path=metrics)
     elif stage == "grpo":
         config = _override(GRPOConfig(), steps, seed, eval_every)
         trainer = GRPOTrainer(policy, tokenizer, addition.addition_reward, addition.prompts(SFT_EXAMPLES, seed + 7),
@@ -82,13 +104,51 @@ def _run_stage(stage, out, *, model, steps, seed, sft_steps, eval_prompts, eval_
         trainer = DPOTrainer(policy, tokenizer, pairs, config, evaluator=evaluator, metrics_path=metrics)
     rows = trainer.train()
     seconds = time.perf_counter() - start
-    policy.save_pretrained(out)
+    (trainer.model if stage == "rm" else policy).save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if stage == "ppo":
+        trainer.save_value_head(os.path.join(out, "value_head.pt"))
     evals = [r for r in rows if r["type"] == "eval"]
     summary = {"stage": stage, "steps": trainer.step, "seconds": round(seconds, 2), "seed": seed,
-               "model_from": model or "default (built in code)", "threads": config.num_threads,
+               "model_from": model or "default (built in code)",
+               "reward_model": reward_model, "threads": config.num_threads,
                "before": evals[0] if evals else None, "after": evals[-1] if evals else None,
                "config": dataclasses.asdict(config)}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
+
+
+def run_all(out: str, *, steps: int | None = None, seed: int = 0, sft_steps: int | None = None,
+            eval_prompts: int = 400, eval_every: int | None = None) -> dict:
+    """Every stage into ``out/<stage>`` (sft first: the others start from it), and ``out/ppo_rm``
+    (PPO optimising the reward model's score, the task reward only logged), then the report:
+    per method steps, seconds, accuracy before -> after and hard-problem accuracy (the reward
+    model: held-out pair accuracy), written to ``out/report.json``. ``steps`` overrides every
+    stage but sft (``sft_steps``)."""
+    rows = []
+    for stage in STAGES + ("ppo_rm",):  # ppo_rm: PPO on the learned reward model's score
+        summary = run_stage("ppo" if stage == "ppo_rm" else stage, os.path.join(out, stage),
+                            model=os.path.join(out, "sft") if stage == "ppo_rm" else None,
+                            reward_model=os.path.join(out, "rm") if stage == "ppo_rm" else None,
+                            steps=sft_steps if stage == "sft" else steps,
+                            seed=seed, eval_prompts=eval_prompts, eval_every=eval_every)
+        before, after = summary["before"] or {}, summary["after"] or {}
+        key = "pair_accuracy" if stage == "rm" else "accuracy"
+        rows.append({"method": stage, "steps": summary["steps"], "seconds": summary["seconds"], "metric": key,
+                     "before": before.get(key), "after": after.get(key), "hard_accuracy": after.get("hard_accuracy")})
+    report = {"seed": seed, "rows": rows}
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    return report
+
+
+def format_report(report: dict) -> str:
+    def num(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    lines = [f"{'method':<7} {'steps':>5} {'seconds':>8}  {'accuracy before -> after':<26} {'hard':>6}"]
+    for r in report["rows"]:
+        what = f"{num(r['before'])} -> {num(r['after'])}" + (" (pairs)" if r["metric"] == "pair_accuracy" else "")
+        lines.append(f"{r['method']:<7} {r['steps']:>5} {r['seconds']:>8.1f}  {what:<26} {num(r['hard_accuracy']):>6}")
+    return "\n".join(lines)

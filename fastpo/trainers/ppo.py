@@ -1,0 +1,184 @@
+"""PPO (Schulman et al. 2017) for language models, in the RLHF form of Ziegler et al. 2019 /
+Ouyang et al. 2022: maximise r(x, y) - beta * KL(pi || pi_ref) with a value function and GAE.
+
+Per step: one completion for each of B prompts (``model.generate``), a scalar score per
+completion (reward functions, or a reward model), then one no-grad forward of the policy (the
+old policy: log-probs and values) and one of the frozen reference. Per-token rewards
+(``fastpo.token_rewards``): -kl_coef * (log pi_old - log pi_ref) at every completion token, plus
+the score at the last one (EOS). ``fastpo.gae`` (gamma, lam) gives advantages and returns; the
+advantages are whitened over the batch (``fastpo.whiten``). Then ``epochs`` x ``minibatches``
+updates of
+    loss = fastpo.linear_policy_loss(...)                 (clipped surrogate, eq. 7)
+         + vf_coef * fastpo.value_loss(...)               (clipped value loss)
+both from the same trunk forward: the value head is an ``nn.Linear(hidden, 1)`` on the policy's
+last hidden states (saved as ``value_head.pt`` beside the model), the policy term goes through
+the output head without materialising the logits.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+
+import fastpo
+
+from .common import MetricsWriter, call_reward, check_dataset, linear_warmup, load_policy, sum_rewards, torch_threads
+from .rollout import IGNORE_INDEX, generate, head, hidden_states, pack
+
+
+@dataclass
+class PPOConfig:
+    steps: int = 100
+    rollouts_per_step: int = 128
+    max_new_tokens: int = 4
+    temperature: float = 1.0
+    lr: float = 2e-4
+    value_lr: float = 1e-3         # the value head's own learning rate (the trunk uses lr)
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    epochs: int = 2                # passes over each batch of rollouts
+    minibatches: int = 2           # updates per pass
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.05          # beta of the per-token reward -beta * (log pi_old - log pi_ref)
+    vf_coef: float = 0.1
+    value_clip: float | None = 0.2
+    loss: fastpo.PolicyLossConfig = field(default_factory=fastpo.PolicyLossConfig)  # ppo, clip 0.2
+    eval_every: int = 25
+    seed: int = 0
+    num_threads: int | None = 1
+
+
+def value_head_for(model) -> torch.nn.Linear:
+    """A zero-initialised ``nn.Linear(hidden_size, 1)`` on the policy's device and dtype."""
+    weight = head(model)[0]
+    value_head = torch.nn.Linear(weight.shape[1], 1).to(device=weight.device, dtype=weight.dtype)
+    torch.nn.init.zeros_(value_head.weight)
+    torch.nn.init.zeros_(value_head.bias)
+    return value_head
+
+
+def values_of(value_head, hidden) -> torch.Tensor:
+    """V(s_t) ``[B, T - 1]`` at the positions of ``batch.labels`` (the state before token t + 1)."""
+    return value_head(hidden).squeeze(-1).float()
+
+
+def ppo_loss(model, value_head, batch, old_logprobs, old_values, advantages, returns, config: PPOConfig):
+    """``(total loss, PolicyLossOutput, value loss)`` for one packed minibatch."""
+    weight, bias = head(model)
+    hidden = hidden_states(model, batch)
+    mask = batch.labels != IGNORE_INDEX
+    policy = fastpo.linear_policy_loss(hidden, weight, batch.labels, old_logprobs, advantages, bias=bias,
+                                       config=config.loss)
+    value = fastpo.value_loss(values_of(value_head, hidden), old_values, returns, mask, clip=config.value_clip)
+    return policy.loss + config.vf_coef * value, policy, value
+
+
+def ppo_advantages(scores, kl, values, mask, config: PPOConfig):
+    """``(whitened advantages, returns)`` ``[B, T]`` from the scores ``[B]``, the per-token KL
+    estimate ``log pi_old - log pi_ref`` and the old values ``[B, T]``."""
+    rewards = fastpo.token_rewards(scores, mask, kl=kl, kl_coef=config.kl_coef)
+    advantages, returns = fastpo.gae(rewards, values, mask, gamma=config.gamma, lam=config.lam)
+    return fastpo.whiten(advantages, mask), returns
+
+
+@torch.no_grad()
+def logprobs_and_values(model, value_head, batch):
+    weight, bias = head(model)
+    hidden = hidden_states(model, batch)
+    logp = fastpo.linear_token_logprobs(hidden, weight, batch.labels, bias=bias)
+    return logp, None if value_head is None else values_of(value_head, hidden)
+
+
+class PPOTrainer:
+    """``PPOTrainer(model_or_dir, tokenizer, reward_fns, prompts, config).train()``; reward
+    functions ``fn(prompts, completions) -> list[float]`` are summed into the score (a
+    ``RewardModelScorer`` is one). ``monitor_fns`` ({name: fn}): logged, not optimised (e.g. the
+    task reward while a reward model is optimised)."""
+
+    def __init__(self, model, tokenizer=None, reward_fns=(), dataset=(), config: PPOConfig | None = None, *,
+                 monitor_fns=None, evaluator=None, metrics_path: str | None = None, value_head=None):
+        self.model, self.tokenizer = load_policy(model, tokenizer)
+        self.reward_fns = [reward_fns] if callable(reward_fns) else list(reward_fns)
+        if not self.reward_fns:
+            raise ValueError("PPOTrainer: pass at least one reward function fn(prompts, completions)")
+        self.monitor_fns = dict(monitor_fns or {})
+        self.dataset = check_dataset("PPOTrainer", dataset)
+        self.config = cfg = config or PPOConfig()
+        if cfg.rollouts_per_step < cfg.minibatches:
+            raise ValueError("PPOTrainer: rollouts_per_step must be >= minibatches")
+        self.value_head = value_head if value_head is not None else value_head_for(self.model)
+        self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
+        self.evaluator, self.metrics = evaluator, MetricsWriter(metrics_path)
+        self.optimizer = torch.optim.AdamW([
+            {"params": list(self.model.parameters()), "lr": cfg.lr},
+            {"params": list(self.value_head.parameters()), "lr": cfg.value_lr}], weight_decay=0.0)
+        self.scheduler = linear_warmup(self.optimizer, cfg.warmup_steps)
+        self.step = 0
+
+    def evaluate(self):
+        if self.evaluator is not None:
+            return self.metrics.write(type="eval", step=self.step, **self.evaluator(self.model, self.tokenizer))
+
+    def rollout(self, generator):
+        cfg = self.config
+        idx = torch.randint(len(self.dataset), (cfg.rollouts_per_step,), generator=generator).tolist()
+        prompts = [self.dataset[i] for i in idx]
+        ro = generate(self.model, self.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                      temperature=cfg.temperature)
+        return prompts, ro, sum_rewards(self.reward_fns, prompts, ro.texts)
+
+    def train_step(self, generator) -> dict:
+        cfg = self.config
+        prompts, ro, scores = self.rollout(generator)
+        monitors = {k: call_reward(fn, prompts, ro.texts).mean().item() for k, fn in self.monitor_fns.items()}
+        batch = pack(ro)
+        mask = batch.labels != IGNORE_INDEX
+        old, old_values = logprobs_and_values(self.model, self.value_head, batch)  # the one old-policy forward
+        kl = torch.zeros_like(old)
+        if self.reference is not None:
+            kl = (old - logprobs_and_values(self.reference, None, batch)[0]) * mask
+        old_values = old_values * mask
+        advantages, returns = ppo_advantages(scores.to(old.device), kl, old_values, mask, cfg)
+        params = list(self.model.parameters()) + list(self.value_head.parameters())
+        losses, value_losses, metrics = [], [], []
+        for _ in range(cfg.epochs):
+            order = torch.randperm(batch.input_ids.shape[0], generator=generator)
+            for ids in order.chunk(cfg.minibatches):
+                loss, out, value = ppo_loss(self.model, self.value_head, batch.rows(ids), old[ids], old_values[ids],
+                                            advantages[ids], returns[ids], cfg)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                losses.append(loss.item())
+                value_losses.append(value.item())
+                metrics.append(out.metrics)
+        last = metrics[-1]
+        return {"loss": sum(losses) / len(losses), "reward": scores.mean().item(), **monitors,
+                "kl": (kl.sum(-1)).mean().item(), "value_loss": sum(value_losses) / len(value_losses),
+                "clip_frac_low": last["clip_frac_low"].item(), "clip_frac_high": last["clip_frac_high"].item(),
+                "ratio_mean": last["ratio_mean"].item(), "value_mean": old_values.sum().item() / mask.sum().item(),
+                "completion_length": mask.sum(-1).float().mean().item()}
+
+    def save_value_head(self, path: str) -> None:
+        torch.save(self.value_head.state_dict(), path)
+
+    def train(self):
+        cfg = self.config
+        generator = torch.Generator().manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # sampling in model.generate
+        with torch_threads(cfg.num_threads):
+            self.model.train()
+            self.evaluate()
+            while self.step < cfg.steps:
+                lr = self.scheduler.get_last_lr()[0]
+                row = self.train_step(generator)
+                self.step += 1
+                self.metrics.write(type="train", step=self.step, lr=lr, **row)
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    self.evaluate()
+            self.evaluate()
+        return self.metrics.rows
