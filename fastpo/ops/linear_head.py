@@ -151,17 +151,26 @@ class HeadGrads:
         self.dw = torch.zeros(weight.shape, dtype=head.acc, device=weight.device) if needs[1] else None
         self.db = (torch.zeros(weight.shape[0], dtype=head.acc, device=weight.device)
                    if needs[2] and head.bias is not None else None)
+        # 16-bit weights: the fp32 dW accumulator is only needed from the second chunk on; a
+        # single chunk's 16-bit GEMM (fp32 accumulation inside, one rounding) is the result
+        self.dw16 = None
+        if self.dw is not None and weight.dtype != head.acc and head.kept <= head.step:
+            self.dw, self.dw_single = None, True
+        else:
+            self.dw_single = False
 
     @property
     def any(self) -> bool:
-        return self.dh is not None or self.dw is not None or self.db is not None
+        return self.dh is not None or self.dw is not None or self.db is not None or self.dw_single
 
     def add(self, sl, h: torch.Tensor, dz: torch.Tensor) -> None:
         """Add one chunk: dh = dz @ W (rows of this chunk only), dW += dz^T h, db += sum dz."""
         head = self.head
         if self.dh is not None:
             self.dh.index_copy_(0, head.rows[sl], torch.mm(dz, head.weight))
-        if self.dw is not None:
+        if self.dw_single:
+            self.dw16 = torch.mm(dz.t(), h)
+        elif self.dw is not None:
             if dz.dtype == self.dw.dtype:
                 self.dw.addmm_(dz.t(), h)
             else:
@@ -183,7 +192,11 @@ class HeadGrads:
             buf = dh if dh.dtype == self.head.acc else dh.to(self.head.acc)
             dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=shard.group)
             dh = cast(buf, dh)
-        return dh, cast(self.dw, self.head.weight), cast(self.db, self.head.bias)
+        if self.dw_single:
+            dw = self.dw16 if self.dw16 is not None else torch.zeros_like(self.head.weight)
+        else:
+            dw = cast(self.dw, self.head.weight)
+        return dh, dw, cast(self.db, self.head.bias)
 
 
 def _scatter(values: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
