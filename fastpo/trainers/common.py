@@ -98,3 +98,24 @@ class MetricsWriter:
 
 def linear_warmup(optimizer, warmup: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
+
+
+def run_rl_loop(trainer):
+    """The sampling trainers' loop (GRPO, PPO): seeded sampling, ``config.num_threads`` torch
+    threads, an evaluation before, every ``config.eval_every`` steps and after, one metrics row
+    per ``trainer.train_step(generator)``. Returns the metrics rows."""
+    cfg = trainer.config
+    generator = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # sampling in model.generate
+    with torch_threads(cfg.num_threads):
+        trainer.model.train()
+        trainer.evaluate()
+        while trainer.step < cfg.steps:
+            lr = trainer.scheduler.get_last_lr()[0]
+            row = trainer.train_step(generator)
+            trainer.step += 1
+            trainer.metrics.write(type="train", step=trainer.step, lr=lr, **row)
+            if cfg.eval_every and trainer.step % cfg.eval_every == 0 and trainer.step < cfg.steps:
+                trainer.evaluate()
+        trainer.evaluate()
+    return trainer.metrics.rows

@@ -19,7 +19,7 @@ import torch
 
 import fastpo
 
-from .common import MetricsWriter, check_dataset, linear_warmup, load_policy, sum_rewards, torch_threads
+from .common import MetricsWriter, check_dataset, linear_warmup, load_policy, sum_rewards, run_rl_loop
 from .rollout import generate, head, hidden_states, pack
 
 
@@ -135,18 +135,4 @@ class GRPOTrainer:
                 "completion_length": mask.sum(-1).float().mean().item()}
 
     def train(self):
-        cfg = self.config
-        generator = torch.Generator().manual_seed(cfg.seed)
-        torch.manual_seed(cfg.seed)  # sampling in model.generate
-        with torch_threads(cfg.num_threads):
-            self.model.train()
-            self.evaluate()
-            while self.step < cfg.steps:
-                lr = self.scheduler.get_last_lr()[0]
-                row = self.train_step(generator)
-                self.step += 1
-                self.metrics.write(type="train", step=self.step, lr=lr, **row)
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                    self.evaluate()
-            self.evaluate()
-        return self.metrics.rows
+        return run_rl_loop(self)
