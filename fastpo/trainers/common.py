@@ -100,6 +100,15 @@ def linear_warmup(optimizer, warmup: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)))
 
 
+def write_eval(trainer):
+    """One ``type="eval"`` metrics row from ``trainer.evaluator(model, tokenizer)`` (None without
+    an evaluator)."""
+    if trainer.evaluator is not None:
+        return trainer.metrics.write(type="eval", step=trainer.step,
+                                     **trainer.evaluator(trainer.model, trainer.tokenizer))
+    return None
+
+
 def run_rl_loop(trainer):
     """The sampling trainers' loop (GRPO, PPO): seeded sampling, ``config.num_threads`` torch
     threads, an evaluation before, every ``config.eval_every`` steps and after, one metrics row

@@ -18,7 +18,7 @@ import torch
 
 import fastpo
 
-from .common import MetricsWriter, check_dataset, linear_warmup, load_policy, sum_rewards, torch_threads
+from .common import MetricsWriter, check_dataset, linear_warmup, load_policy, sum_rewards, torch_threads, write_eval
 from .rollout import encode_completions, generate, head, hidden_states, pack
 
 
@@ -114,8 +114,7 @@ class DPOTrainer:
         return torch.cat(chosen), torch.cat(rejected)
 
     def evaluate(self):
-        if self.evaluator is not None:
-            return self.metrics.write(type="eval", step=self.step, **self.evaluator(self.model, self.tokenizer))
+        return write_eval(self)
 
     def train(self):
         cfg = self.config

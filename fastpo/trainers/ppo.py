@@ -23,7 +23,7 @@ import torch
 
 import fastpo
 
-from .common import MetricsWriter, call_reward, check_dataset, linear_warmup, load_policy, sum_rewards, run_rl_loop
+from .common import MetricsWriter, call_reward, check_dataset, linear_warmup, load_policy, sum_rewards, run_rl_loop, write_eval
 from .rollout import IGNORE_INDEX, generate, head, hidden_states, pack
 
 
@@ -118,8 +118,7 @@ class PPOTrainer:
         self.step = 0
 
     def evaluate(self):
-        if self.evaluator is not None:
-            return self.metrics.write(type="eval", step=self.step, **self.evaluator(self.model, self.tokenizer))
+        return write_eval(self)
 
     def rollout(self, generator):
         cfg = self.config

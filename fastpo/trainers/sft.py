@@ -12,7 +12,7 @@ import torch
 
 import fastpo
 
-from .common import MetricsWriter, check_dataset, linear_warmup, load_policy, torch_threads
+from .common import MetricsWriter, check_dataset, linear_warmup, load_policy, torch_threads, write_eval
 from .rollout import encode_completions, head, hidden_states, pack
 
 
@@ -60,8 +60,7 @@ class SFTTrainer:
         return pack(encode_completions(self.tokenizer, list(prompts), list(completions), device))
 
     def evaluate(self):
-        if self.evaluator is not None:
-            return self.metrics.write(type="eval", step=self.step, **self.evaluator(self.model, self.tokenizer))
+        return write_eval(self)
 
     def train(self):
         cfg = self.config
