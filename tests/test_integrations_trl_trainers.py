@@ -138,15 +138,16 @@ def _reward_vowels(completions, **_):
 PROMPTS = ["hello ", "abc ", "what is ", "to be "] * 2
 
 
-def _grpo(tmp_path, model_dir, tokenizer, **config):
+def _grpo(tmp_path, model_dir, tokenizer, trainer_cls=None, **config):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
     # one generation serves both steps (num_iterations=2): the second step's ratios differ from 1
     args = GRPOConfig(**_common(tmp_path, per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
                                 num_iterations=2, **config))
-    return GRPOTrainer(model=model_dir, reward_funcs=_reward_vowels, args=args,
-                       train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer)
+    cls = trainer_cls or GRPOTrainer  # fastpo's subclass in test_integrations_trl_grpo.py
+    return cls(model=model_dir, reward_funcs=_reward_vowels, args=args,
+               train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=tokenizer)
 
 
 def _rloo(tmp_path, model_dir, tokenizer, **config):

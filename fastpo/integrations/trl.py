@@ -16,6 +16,10 @@ losses and trainers are untouched. While enabled:
   are fastpo's (``trl_logits``) in every loaded ``trl.*`` module that holds TRL's object (the
   copies imported by name in ``trl.experimental``), with TRL's original as the fallback.
 
+Optional, without the switch: ``fastpo.integrations.trl.GRPOTrainer`` is TRL's ``GRPOTrainer``
+(same constructor) whose training loss comes from hidden states with ``fastpo.linear_policy_loss``
+(``trl_grpo``; created on first access, so importing this module imports no TRL).
+
 ``disable()`` puts back every saved original and also any copy of a replacement that a ``trl``
 module imported while enabled. ``enable()`` is idempotent; ``disable()`` without it is a no-op.
 """
@@ -116,6 +120,19 @@ def disable() -> None:
                 for new, old in swaps:
                     if value is new:
                         setattr(mod, attr, old)
+
+
+_lazy: dict[str, object] = {}
+
+
+def __getattr__(name: str):
+    """``GRPOTrainer``: the fastpo-loss subclass of TRL's, built on first access (imports TRL)."""
+    if name != "GRPOTrainer":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _lazy:
+        from .trl_grpo import make_grpo_trainer_class
+        _lazy[name] = make_grpo_trainer_class()
+    return _lazy[name]
 
 
 @contextlib.contextmanager

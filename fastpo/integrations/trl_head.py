@@ -16,7 +16,7 @@ import torch
 from .._validation import LOGIT_DTYPES
 from ..functional.linear import linear_token_logprobs
 
-__all__ = ["FastpoChunkedLogProb", "TRL_OPTIONAL_OUTPUTS"]
+__all__ = ["FastpoChunkedLogProb", "TRL_OPTIONAL_OUTPUTS", "compute_dtype", "fastpo_options", "zero3_enabled"]
 
 # TRL's ``OPTIONAL_OUTPUTS`` (trl/kernels/chunked_logprob.py), in the order of its return tuple
 TRL_OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -28,7 +28,7 @@ def _trl_function():
     return ChunkedLogProbFunction
 
 
-def _zero3() -> bool:
+def zero3_enabled() -> bool:
     try:
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
     except ImportError:
@@ -40,7 +40,7 @@ def _positive(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
-def _fastpo_options(temperature, softcap, logit_scale):
+def fastpo_options(temperature, softcap, logit_scale):
     """fastpo's ``(softcap, logit_scale)`` for TRL's transform, or None when not expressible.
 
     TRL: ``x = s * tanh(z * L / s) / T``; fastpo: ``x = c * tanh(z / c) * L / T``. They agree
@@ -54,14 +54,21 @@ def _fastpo_options(temperature, softcap, logit_scale):
     return float(softcap) / float(logit_scale), float(logit_scale)
 
 
+def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """TRL's compute dtype of the head: the autocast dtype when autocast is on for hidden's
+    device, else hidden's."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+
+
 def _why_not(hidden, weight, targets, temperature, softcap, logit_scale, outputs) -> str | None:
     if hidden.dim() != 2 or weight.dim() != 2 or targets.dim() != 1 or hidden.dtype not in LOGIT_DTYPES:
         return "inputs other than hidden [N, H] float, weight [V, H], targets [N]"
     if any(name not in TRL_OPTIONAL_OUTPUTS + ("log_probs",) for name in outputs):
         return f"unknown outputs {tuple(outputs)}"
-    if _fastpo_options(temperature, softcap, logit_scale) is None:
+    if fastpo_options(temperature, softcap, logit_scale) is None:
         return "temperature / logit_scale / final_logit_softcapping not all finite and > 0"
-    if _zero3():
+    if zero3_enabled():
         return "DeepSpeed ZeRO-3 (the backward must re-gather the head)"
     return None
 
@@ -89,10 +96,9 @@ class FastpoChunkedLogProb:
                 warnings.warn(f"fastpo.integrations.trl: {why}; using TRL's ChunkedLogProbFunction", stacklevel=2)
             return _trl_function().apply(hidden, weight, bias, targets, temperature, chunk_size,
                                          final_logit_softcapping, logit_scale, outputs)
-        softcap, scale = _fastpo_options(temperature, final_logit_softcapping, logit_scale)
-        device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        with torch.autocast(device, enabled=False):
+        softcap, scale = fastpo_options(temperature, final_logit_softcapping, logit_scale)
+        dtype = compute_dtype(hidden)
+        with torch.autocast(hidden.device.type, enabled=False):
             got = linear_token_logprobs(
                 hidden.to(dtype), weight.to(dtype), targets, bias=None if bias is None else bias.to(dtype),
                 temperature=float(temperature), logit_scale=scale, softcap=softcap,
