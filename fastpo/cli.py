@@ -179,7 +179,8 @@ def cmd_train(args) -> int:
         out = args.out or "fastpo-runs"
         try:
             report = run_all(out, steps=args.steps, seed=args.seed, sft_steps=args.sft_steps,
-                             eval_prompts=args.eval_prompts, eval_every=args.eval_every)
+                             eval_prompts=args.eval_prompts, eval_every=args.eval_every, save_every=args.save_every,
+                             resume=args.resume, progress=not args.no_progress)
         except (ValueError, FileNotFoundError) as e:
             print(f"fastpo train: error: {e}", file=sys.stderr)
             return 2
@@ -190,7 +191,8 @@ def cmd_train(args) -> int:
         summary = run_stage(args.stage, args.out or f"fastpo-runs/{args.stage}", model=args.model,
                             steps=args.steps, seed=args.seed, sft_steps=args.sft_steps,
                             eval_prompts=args.eval_prompts, eval_every=args.eval_every,
-                            reward_model=args.reward_model)
+                            reward_model=args.reward_model, save_every=args.save_every, resume=args.resume,
+                            progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:
         print(f"fastpo train: error: {e}", file=sys.stderr)
         return 2
@@ -217,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--json", help="also write the results as JSON to this path")
     b = sub.add_parser("bench", help="micro-benchmarks: median time, GB/s, peak extra memory")
     b.add_argument("--device", default=_default_device())
-    b.add_argument("--ops", nargs="*", help="restrict to these ops (default: all)")
+    b.add_argument("--ops", nargs="*", help="restrict to these ops (default: all but the opt-in trl_head, "
+                   "TRL's fused LM head vs fastpo's: --ops trl_head)")
     b.add_argument("--shapes", help="override shapes, e.g. 2048x32000xbfloat16,1024x128256xfloat32")
     b.add_argument("--json", default="fastpo-bench.json", help="where to write the JSON results")
     b.add_argument("--png", help="also plot the timings to this PNG (needs matplotlib)")
@@ -242,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--eval-every", type=int, help="steps between evaluations (0: before and after only)")
     t.add_argument("--reward-model", help="ppo: optimise this reward model dir's score instead of the task reward "
                    "(from `fastpo train rm`)")
+    t.add_argument("--save-every", type=int, default=0, metavar="K",
+                   help="write a checkpoint to OUT/checkpoint every K steps (0: none)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue exactly from OUT/checkpoint (an error if there is none; `all`: finished stages "
+                   "are kept)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown only on a terminal)")
     args = parser.parse_args(argv)
     return {"verify": cmd_verify, "bench": cmd_bench, "aot": cmd_aot, "train": cmd_train}[args.command](args)
 

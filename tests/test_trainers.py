@@ -167,7 +167,7 @@ def test_dpo_loss_is_dpo_plus_chosen_nll_on_logits(default):
     batch = pair_batch(tokenizer, pairs, "cpu")
     ref_c, ref_r = torch.randn(6) - 8, torch.randn(6) - 8
     config = DPOConfig(beta=0.1, rpo_alpha=1.0)
-    loss, out, nll = dpo_step_loss(model, batch, ref_c, ref_r, config)
+    loss, _, out, nll = dpo_step_loss(model, batch, ref_c, ref_r, config)
     logits = _logits(model, batch)
     expected = fastpo.dpo_loss(logits, batch.labels, ref_c, ref_r, beta=0.1, backend="torch")
     ce = torch.nn.functional.cross_entropy(logits[:6].flatten(0, 1), batch.labels[:6].flatten(), ignore_index=-100)

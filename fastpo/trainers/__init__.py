@@ -6,6 +6,7 @@ default (``default_model.py``, ``addition.py``) is a character tokenizer, a 130k
 and two-digit addition with a sloppy demonstrator; ``fastpo train`` (pipeline.py) runs it.
 Needs ``pip install 'fastpo[train]'``.
 """
+from . import addition, checkpoint
 from .addition import addition_reward, demonstrations, evaluate, prompts
 from .default_model import build_model, build_tokenizer
 from .dpo import DPOConfig, DPOTrainer, sample_preference_pairs

@@ -18,7 +18,8 @@ import torch
 
 import fastpo
 
-from .common import MetricsWriter, check_dataset, linear_warmup, load_policy, sum_rewards, torch_threads, write_eval
+from .common import MetricsWriter, apply_gradients, check_dataset, linear_warmup, load_policy, run_loop, sum_rewards, write_eval
+from .distributed import all_sum, global_count, local_shards, shard_rows, weighted_mean, world
 from .rollout import encode_completions, generate, head, hidden_states, pack
 
 
@@ -68,25 +69,33 @@ def pair_batch(tokenizer, pairs, device):
 
 
 def dpo_step_loss(model, batch, ref_chosen, ref_rejected, config: DPOConfig):
-    """``(total loss, DPOOutput, nll)`` for one packed pair batch."""
+    """``(total loss, DPO loss, DPOOutput, nll)`` for one packed pair batch; under data parallel
+    both means are over the global batch (pairs, chosen tokens), this rank's share of them."""
     weight, bias = head(model)
     hidden = hidden_states(model, batch)
     out = fastpo.linear_dpo_loss(hidden, weight, batch.labels, ref_chosen, ref_rejected, bias=bias,
                                  beta=config.beta, loss_type=config.loss_type,
                                  label_smoothing=config.label_smoothing)
-    loss, nll = out.loss, None
+    b = hidden.shape[0] // 2
+    pairs = global_count(b)
+    dpo = out.loss if pairs is None else out.loss * (b / pairs)  # the mean over the global pairs
+    loss, nll = dpo, None
     if config.rpo_alpha:
-        b = hidden.shape[0] // 2
         chosen_labels = batch.labels[:b]
         logp = fastpo.linear_sequence_logprobs(hidden[:b], weight, chosen_labels, bias=bias)
-        nll = -logp.sum() / (chosen_labels != -100).sum().clamp_min(1)
+        n = (chosen_labels != -100).sum()
+        total = global_count(n)
+        nll = -logp.sum() / (n if total is None else total).clamp_min(1)
         loss = loss + config.rpo_alpha * nll
-    return loss, out, nll
+    return loss, dpo, out, nll
 
 
 class DPOTrainer:
     """``DPOTrainer(model_or_dir, tokenizer, pairs, config).train()``; pairs: (prompt, chosen,
-    rejected) strings (see ``sample_preference_pairs``)."""
+    rejected) strings (see ``sample_preference_pairs``). Under torchrun each rank takes its
+    share of every batch."""
+
+    checkpoint_modules = ("model",)
 
     def __init__(self, model, tokenizer=None, dataset=(), config: DPOConfig | None = None, *,
                  evaluator=None, metrics_path: str | None = None):
@@ -97,7 +106,12 @@ class DPOTrainer:
         self.ref_chosen, self.ref_rejected = self.reference_logprobs()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0)
         self.scheduler = linear_warmup(self.optimizer, cfg.warmup_steps)
+        local_shards(None, self.pairs_per_step, "DPO pairs per step")  # splits over the ranks
         self.step = 0
+
+    @property
+    def pairs_per_step(self) -> int:
+        return min(self.config.batch_size, len(self.dataset))
 
     @torch.no_grad()
     def reference_logprobs(self, chunk: int = 256):
@@ -116,30 +130,21 @@ class DPOTrainer:
     def evaluate(self):
         return write_eval(self)
 
-    def train(self):
-        cfg = self.config
-        generator = torch.Generator().manual_seed(cfg.seed)
-        device = next(self.model.parameters()).device
-        with torch_threads(cfg.num_threads):
-            self.model.train()
-            self.evaluate()
-            while self.step < cfg.steps:
-                idx = torch.randint(len(self.dataset), (min(cfg.batch_size, len(self.dataset)),), generator=generator)
-                batch = pair_batch(self.tokenizer, [self.dataset[i] for i in idx.tolist()], device)
-                loss, out, nll = dpo_step_loss(self.model, batch, self.ref_chosen[idx].to(device),
-                                               self.ref_rejected[idx].to(device), cfg)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                lr = self.scheduler.get_last_lr()[0]
-                self.optimizer.step()
-                self.scheduler.step()
-                self.step += 1
-                self.metrics.write(type="train", step=self.step, lr=lr, loss=loss.item(), dpo_loss=out.loss.item(),
-                                   nll=None if nll is None else nll.item(), reward_accuracy=out.accuracy.item(),
-                                   margin=out.margins.mean().item(), chosen_reward=out.chosen_rewards.mean().item(),
-                                   rejected_reward=out.rejected_rewards.mean().item())
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                    self.evaluate()
-            self.evaluate()
-        return self.metrics.rows
+    def train_step(self, generator) -> dict:
+        cfg, device = self.config, next(self.model.parameters()).device
+        idx = torch.randint(len(self.dataset), (self.pairs_per_step,), generator=generator)
+        idx = shard_rows(idx, world()[1], local_shards(None, len(idx), "DPO pairs per step")[0])
+        batch = pair_batch(self.tokenizer, [self.dataset[i] for i in idx.tolist()], device)
+        loss, dpo, out, nll = dpo_step_loss(self.model, batch, self.ref_chosen[idx].to(device),
+                                            self.ref_rejected[idx].to(device), cfg)
+        apply_gradients(self, loss, list(self.model.parameters()))
+        means = weighted_mean({"reward_accuracy": out.accuracy, "margin": out.margins.mean(),
+                               "chosen_reward": out.chosen_rewards.mean(),
+                               "rejected_reward": out.rejected_rewards.mean()}, torch.tensor(len(idx)))
+        return {"loss": all_sum(loss.detach()).item(), "dpo_loss": all_sum(dpo.detach()).item(),
+                "nll": None if nll is None else all_sum(nll.detach()).item(),
+                **{k: v.item() for k, v in means.items()}}
+
+    def train(self, **options):
+        """``options``: ``checkpoint_dir``, ``save_every``, ``resume``, ``progress`` (``run_loop``)."""
+        return run_loop(self, **options)

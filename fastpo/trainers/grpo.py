@@ -19,8 +19,9 @@ import torch
 
 import fastpo
 
-from .common import MetricsWriter, check_dataset, linear_warmup, load_policy, sum_rewards, run_rl_loop, write_eval
-from .rollout import generate, head, hidden_states, pack
+from .common import MetricsWriter, apply_gradients, check_dataset, linear_warmup, load_policy, run_loop, sum_rewards, write_eval
+from .distributed import all_sum, global_count, global_mean, global_mean_std, local_shards, weighted_mean
+from .rollout import generate_shards, head, hidden_states, pack, shard_chunks
 
 
 @dataclass
@@ -50,9 +51,10 @@ def token_logprobs(model, batch) -> torch.Tensor:
 
 
 def grpo_loss(model, batch, advantages, old_logprobs=None, ref_logprobs=None,
-              config: fastpo.PolicyLossConfig = fastpo.PolicyLossConfig()):
+              config: fastpo.PolicyLossConfig = fastpo.PolicyLossConfig(), num_tokens=None, num_sequences=None):
     """``(PolicyLossOutput, old_logprobs)`` for one packed batch; ``old_logprobs`` None: the
-    batch is on-policy and they come, detached, from this very forward."""
+    batch is on-policy and they come, detached, from this very forward. ``num_tokens`` /
+    ``num_sequences``: the global counts under data parallel."""
     weight, bias = head(model)
     hidden = hidden_states(model, batch)
     if old_logprobs is None:
@@ -60,16 +62,21 @@ def grpo_loss(model, batch, advantages, old_logprobs=None, ref_logprobs=None,
             old_logprobs = fastpo.linear_token_logprobs(hidden.detach(), weight.detach(), batch.labels,
                                                         bias=None if bias is None else bias.detach())
     out = fastpo.linear_policy_loss(hidden, weight, batch.labels, old_logprobs, advantages, bias=bias,
-                                    ref_logprobs=ref_logprobs if config.kl_coef > 0 else None, config=config)
+                                    ref_logprobs=ref_logprobs if config.kl_coef > 0 else None, config=config,
+                                    num_tokens=num_tokens, num_sequences=num_sequences)
     return out, old_logprobs
 
 
 class GRPOTrainer:
     """``GRPOTrainer(model_or_dir, tokenizer, reward_fns, prompts, config).train()``; reward
-    functions ``fn(prompts, completions) -> list[float]`` are summed."""
+    functions ``fn(prompts, completions) -> list[float]`` are summed. Under torchrun each rank
+    samples and trains on its shard of every step's prompts (whole groups); ``data_shards`` N
+    in one process samples like an N-rank run (see ``rollout.generate_shards``)."""
+
+    checkpoint_modules = ("model",)
 
     def __init__(self, model, tokenizer=None, reward_fns=(), dataset=(), config: GRPOConfig | None = None, *,
-                 evaluator=None, metrics_path: str | None = None):
+                 evaluator=None, metrics_path: str | None = None, data_shards: int | None = None):
         self.model, self.tokenizer = load_policy(model, tokenizer)
         self.reward_fns = [reward_fns] if callable(reward_fns) else list(reward_fns)
         if not self.reward_fns:
@@ -78,6 +85,10 @@ class GRPOTrainer:
         self.config = cfg = config or GRPOConfig()
         if (cfg.prompts_per_step * cfg.group_size) % cfg.num_minibatches:
             raise ValueError("GRPOTrainer: prompts_per_step * group_size must split into num_minibatches")
+        self.data_shards = data_shards
+        shards = len(local_shards(data_shards, cfg.prompts_per_step, "GRPOConfig.prompts_per_step"))
+        if (cfg.prompts_per_step // shards * cfg.group_size) % cfg.num_minibatches:
+            raise ValueError("GRPOTrainer: each data shard's rows must split into num_minibatches")
         self.reference = None
         if cfg.loss.kl_coef > 0:
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -90,48 +101,49 @@ class GRPOTrainer:
         return write_eval(self)
 
     def rollout(self, generator):
+        """This rank's prompts, rollout (``group_size`` rows per prompt), rewards and local shards."""
         cfg = self.config
         idx = torch.randint(len(self.dataset), (cfg.prompts_per_step,), generator=generator).tolist()
-        prompts = [self.dataset[i] for i in idx]
-        ro = generate(self.model, self.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                      temperature=cfg.temperature, num_return_sequences=cfg.group_size)
+        prompts, ro, shards = generate_shards(self.model, self.tokenizer, [self.dataset[i] for i in idx],
+                                              self.data_shards, generator, max_new_tokens=cfg.max_new_tokens,
+                                              temperature=cfg.temperature, num_return_sequences=cfg.group_size)
         repeated = [p for p in prompts for _ in range(cfg.group_size)]
         rewards = sum_rewards(self.reward_fns, repeated, ro.texts)
-        return ro, rewards
+        return ro, rewards, shards
 
     def train_step(self, generator) -> dict:
         cfg = self.config
-        ro, rewards = self.rollout(generator)
+        ro, rewards, shards = self.rollout(generator)
         batch = pack(ro)
         mask = batch.labels != -100
         adv = fastpo.group_advantages(rewards, cfg.group_size, eps=cfg.advantage_eps)
         adv = adv.to(mask.device)[:, None] * mask
         ref = token_logprobs(self.reference, batch) if self.reference is not None else None
-        rows = batch.input_ids.shape[0]
-        chunks = torch.arange(rows).chunk(cfg.num_minibatches)
+        chunks = shard_chunks(batch.input_ids.shape[0], shards, cfg.num_minibatches)
         old = token_logprobs(self.model, batch) if cfg.num_minibatches > 1 else None
         losses, metrics = [], []
+        params = list(self.model.parameters())
         for _ in range(cfg.num_iterations):
             for ids in chunks:
+                kept = mask[ids].sum()
                 out, old_mb = grpo_loss(self.model, batch.rows(ids), adv[ids],
                                         None if old is None else old[ids],
-                                        None if ref is None else ref[ids], cfg.loss)
+                                        None if ref is None else ref[ids], cfg.loss,
+                                        num_tokens=global_count(kept), num_sequences=global_count(len(ids)))
                 if old is None:  # one minibatch: this first forward was the old policy
                     old = old_mb
-                self.optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
-                losses.append(out.loss.item())
-                metrics.append(out.metrics)
+                apply_gradients(self, out.loss, params)
+                losses.append(all_sum(out.loss.detach()).item())
+                metrics.append(weighted_mean(out.metrics, kept))
         first = metrics[0]  # statistics of the on-policy update: ratio 1, the KL of the rollout
-        return {"loss": sum(losses) / len(losses), "reward": rewards.mean().item(),
-                "reward_std": rewards.std().item(), "kl": first["ref_kl"].item(),
+        reward_mean, reward_std = global_mean_std(rewards)
+        return {"loss": sum(losses) / len(losses), "reward": reward_mean,
+                "reward_std": reward_std, "kl": first["ref_kl"].item(),
                 "clip_frac_low": metrics[-1]["clip_frac_low"].item(),
                 "clip_frac_high": metrics[-1]["clip_frac_high"].item(),
                 "ratio_mean": metrics[-1]["ratio_mean"].item(),
-                "completion_length": mask.sum(-1).float().mean().item()}
+                "completion_length": global_mean(mask.sum(-1).float())}
 
-    def train(self):
-        return run_rl_loop(self)
+    def train(self, **options):
+        """``options``: ``checkpoint_dir``, ``save_every``, ``resume``, ``progress`` (``run_loop``)."""
+        return run_loop(self, **options)

@@ -23,8 +23,9 @@ import torch
 
 import fastpo
 
-from .common import MetricsWriter, call_reward, check_dataset, linear_warmup, load_policy, sum_rewards, run_rl_loop, write_eval
-from .rollout import IGNORE_INDEX, generate, head, hidden_states, pack
+from .common import MetricsWriter, apply_gradients, call_reward, check_dataset, linear_warmup, load_policy, run_loop, sum_rewards, write_eval
+from .distributed import all_sum, global_count, global_mean, local_shards, weighted_mean, whiten
+from .rollout import IGNORE_INDEX, generate_shards, head, hidden_states, pack, shard_chunks
 
 
 @dataclass
@@ -65,13 +66,16 @@ def values_of(value_head, hidden) -> torch.Tensor:
 
 
 def ppo_loss(model, value_head, batch, old_logprobs, old_values, advantages, returns, config: PPOConfig):
-    """``(total loss, PolicyLossOutput, value loss)`` for one packed minibatch."""
+    """``(total loss, PolicyLossOutput, value loss)`` for one packed minibatch (under data
+    parallel: normalised by the global minibatch's token and sequence counts)."""
     weight, bias = head(model)
     hidden = hidden_states(model, batch)
     mask = batch.labels != IGNORE_INDEX
+    counts = dict(num_tokens=global_count(mask.sum()), num_sequences=global_count(mask.shape[0]))
     policy = fastpo.linear_policy_loss(hidden, weight, batch.labels, old_logprobs, advantages, bias=bias,
-                                       config=config.loss)
-    value = fastpo.value_loss(values_of(value_head, hidden), old_values, returns, mask, clip=config.value_clip)
+                                       config=config.loss, **counts)
+    value = fastpo.value_loss(values_of(value_head, hidden), old_values, returns, mask, clip=config.value_clip,
+                              **counts)
     return policy.loss + config.vf_coef * value, policy, value
 
 
@@ -80,7 +84,7 @@ def ppo_advantages(scores, kl, values, mask, config: PPOConfig):
     estimate ``log pi_old - log pi_ref`` and the old values ``[B, T]``."""
     rewards = fastpo.token_rewards(scores, mask, kl=kl, kl_coef=config.kl_coef)
     advantages, returns = fastpo.gae(rewards, values, mask, gamma=config.gamma, lam=config.lam)
-    return fastpo.whiten(advantages, mask), returns
+    return whiten(advantages, mask), returns  # over the global batch under data parallel
 
 
 @torch.no_grad()
@@ -95,10 +99,15 @@ class PPOTrainer:
     """``PPOTrainer(model_or_dir, tokenizer, reward_fns, prompts, config).train()``; reward
     functions ``fn(prompts, completions) -> list[float]`` are summed into the score (a
     ``RewardModelScorer`` is one). ``monitor_fns`` ({name: fn}): logged, not optimised (e.g. the
-    task reward while a reward model is optimised)."""
+    task reward while a reward model is optimised). Under torchrun each rank samples and trains
+    on its shard of every step's prompts; ``data_shards`` N in one process samples like an
+    N-rank run (see ``rollout.generate_shards``)."""
+
+    checkpoint_modules = ("model", "value_head")
 
     def __init__(self, model, tokenizer=None, reward_fns=(), dataset=(), config: PPOConfig | None = None, *,
-                 monitor_fns=None, evaluator=None, metrics_path: str | None = None, value_head=None):
+                 monitor_fns=None, evaluator=None, metrics_path: str | None = None, value_head=None,
+                 data_shards: int | None = None):
         self.model, self.tokenizer = load_policy(model, tokenizer)
         self.reward_fns = [reward_fns] if callable(reward_fns) else list(reward_fns)
         if not self.reward_fns:
@@ -108,6 +117,10 @@ class PPOTrainer:
         self.config = cfg = config or PPOConfig()
         if cfg.rollouts_per_step < cfg.minibatches:
             raise ValueError("PPOTrainer: rollouts_per_step must be >= minibatches")
+        self.data_shards = data_shards
+        shards = len(local_shards(data_shards, cfg.rollouts_per_step, "PPOConfig.rollouts_per_step"))
+        if cfg.rollouts_per_step // shards < cfg.minibatches:
+            raise ValueError("PPOTrainer: each data shard needs at least `minibatches` rollouts")
         self.value_head = value_head if value_head is not None else value_head_for(self.model)
         self.reference = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
         self.evaluator, self.metrics = evaluator, MetricsWriter(metrics_path)
@@ -123,15 +136,15 @@ class PPOTrainer:
     def rollout(self, generator):
         cfg = self.config
         idx = torch.randint(len(self.dataset), (cfg.rollouts_per_step,), generator=generator).tolist()
-        prompts = [self.dataset[i] for i in idx]
-        ro = generate(self.model, self.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                      temperature=cfg.temperature)
-        return prompts, ro, sum_rewards(self.reward_fns, prompts, ro.texts)
+        prompts, ro, shards = generate_shards(self.model, self.tokenizer, [self.dataset[i] for i in idx],
+                                              self.data_shards, generator, max_new_tokens=cfg.max_new_tokens,
+                                              temperature=cfg.temperature)
+        return prompts, ro, sum_rewards(self.reward_fns, prompts, ro.texts), shards
 
     def train_step(self, generator) -> dict:
         cfg = self.config
-        prompts, ro, scores = self.rollout(generator)
-        monitors = {k: call_reward(fn, prompts, ro.texts).mean().item() for k, fn in self.monitor_fns.items()}
+        prompts, ro, scores, shards = self.rollout(generator)
+        monitors = {k: global_mean(call_reward(fn, prompts, ro.texts)) for k, fn in self.monitor_fns.items()}
         batch = pack(ro)
         mask = batch.labels != IGNORE_INDEX
         old, old_values = logprobs_and_values(self.model, self.value_head, batch)  # the one old-policy forward
@@ -143,27 +156,25 @@ class PPOTrainer:
         params = list(self.model.parameters()) + list(self.value_head.parameters())
         losses, value_losses, metrics = [], [], []
         for _ in range(cfg.epochs):
-            order = torch.randperm(batch.input_ids.shape[0], generator=generator)
-            for ids in order.chunk(cfg.minibatches):
+            order = torch.randperm(batch.input_ids.shape[0] // shards, generator=generator)
+            for ids in shard_chunks(batch.input_ids.shape[0], shards, cfg.minibatches, order):
                 loss, out, value = ppo_loss(self.model, self.value_head, batch.rows(ids), old[ids], old_values[ids],
                                             advantages[ids], returns[ids], cfg)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
-                losses.append(loss.item())
-                value_losses.append(value.item())
-                metrics.append(out.metrics)
+                apply_gradients(self, loss, params)
+                losses.append(all_sum(loss.detach()).item())
+                value_losses.append(all_sum(value.detach()).item())
+                metrics.append(weighted_mean(out.metrics, mask[ids].sum()))
         last = metrics[-1]
-        return {"loss": sum(losses) / len(losses), "reward": scores.mean().item(), **monitors,
-                "kl": (kl.sum(-1)).mean().item(), "value_loss": sum(value_losses) / len(value_losses),
+        tokens = all_sum(mask.sum()).item()
+        return {"loss": sum(losses) / len(losses), "reward": global_mean(scores), **monitors,
+                "kl": global_mean(kl.sum(-1)), "value_loss": sum(value_losses) / len(value_losses),
                 "clip_frac_low": last["clip_frac_low"].item(), "clip_frac_high": last["clip_frac_high"].item(),
-                "ratio_mean": last["ratio_mean"].item(), "value_mean": old_values.sum().item() / mask.sum().item(),
-                "completion_length": mask.sum(-1).float().mean().item()}
+                "ratio_mean": last["ratio_mean"].item(), "value_mean": all_sum(old_values.sum()).item() / tokens,
+                "completion_length": global_mean(mask.sum(-1).float())}
 
     def save_value_head(self, path: str) -> None:
         torch.save(self.value_head.state_dict(), path)
 
-    def train(self):
-        return run_rl_loop(self)
+    def train(self, **options):
+        """``options``: ``checkpoint_dir``, ``save_every``, ``resume``, ``progress`` (``run_loop``)."""
+        return run_loop(self, **options)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .common import MetricsWriter, check_dataset, check_tokenizer, load_policy, torch_threads
+from .common import MetricsWriter, apply_gradients, check_dataset, check_tokenizer, load_policy, run_loop
+from .distributed import all_sum, global_count, is_main, local_shards, shard_rows, weighted_mean, world
 from .dpo import pair_batch
 from .rollout import encode_completions, pack
 
@@ -103,7 +104,10 @@ def pair_accuracy(model, tokenizer, pairs, chunk: int = 512) -> dict:
 class RewardTrainer:
     """``RewardTrainer(reward_model, tokenizer, pairs, config).train()``; reward_model: a
     one-label sequence-classification model (see ``reward_model_from``), pairs: (prompt, chosen,
-    rejected) strings; ``eval_pairs``: held-out pairs for the eval rows."""
+    rejected) strings; ``eval_pairs``: held-out pairs for the eval rows. Under torchrun each
+    rank takes its share of every batch."""
+
+    checkpoint_modules = ("model",)
 
     def __init__(self, model, tokenizer, dataset=(), config: RewardConfig | None = None, *, eval_pairs=(),
                  metrics_path: str | None = None):
@@ -118,36 +122,34 @@ class RewardTrainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=0.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, then linear decay to 0
             self.optimizer, lambda s: min((s + 1) / max(1, cfg.warmup_steps), max(0.0, 1 - s / max(1, cfg.steps))))
+        local_shards(None, self.pairs_per_step, "reward-model pairs per step")  # splits over the ranks
         self.step = 0
 
+    @property
+    def pairs_per_step(self) -> int:
+        return min(self.config.batch_size, len(self.dataset))
+
     def evaluate(self):
-        if self.eval_pairs:
+        if self.eval_pairs and is_main():
             return self.metrics.write(type="eval", step=self.step,
                                       **pair_accuracy(self.model, self.tokenizer, self.eval_pairs))
 
-    def train(self):
-        cfg = self.config
-        generator = torch.Generator().manual_seed(cfg.seed)
+    def train_step(self, generator) -> dict:
         device = next(self.model.parameters()).device
-        with torch_threads(cfg.num_threads):
-            self.model.train()
-            self.evaluate()
-            while self.step < cfg.steps:
-                idx = torch.randint(len(self.dataset), (min(cfg.batch_size, len(self.dataset)),), generator=generator)
-                batch = pair_batch(self.tokenizer, [self.dataset[i] for i in idx.tolist()], device)
-                loss, chosen, rejected = reward_loss(self.model, batch)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                lr = self.scheduler.get_last_lr()[0]
-                self.optimizer.step()
-                self.scheduler.step()
-                self.step += 1
-                margin = (chosen - rejected).detach()
-                self.metrics.write(type="train", step=self.step, lr=lr, loss=loss.item(),
-                                   pair_accuracy=(margin > 0).float().mean().item(), margin=margin.mean().item(),
-                                   chosen_score=chosen.mean().item(), rejected_score=rejected.mean().item())
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                    self.evaluate()
-            self.evaluate()
-        return self.metrics.rows
+        idx = torch.randint(len(self.dataset), (self.pairs_per_step,), generator=generator)
+        idx = shard_rows(idx, world()[1], local_shards(None, len(idx), "reward-model pairs per step")[0])
+        loss, chosen, rejected = reward_loss(self.model, pair_batch(self.tokenizer, [self.dataset[i] for i in
+                                                                                      idx.tolist()], device))
+        pairs = global_count(len(idx))
+        if pairs is not None:  # data parallel: this rank's share of the mean over the global pairs
+            loss = loss * (len(idx) / pairs)
+        apply_gradients(self, loss, list(self.model.parameters()))
+        margin = (chosen - rejected).detach()
+        means = weighted_mean({"pair_accuracy": (margin > 0).float().mean(), "margin": margin.mean(),
+                               "chosen_score": chosen.detach().mean(), "rejected_score": rejected.detach().mean()},
+                              torch.tensor(len(idx)))
+        return {"loss": all_sum(loss.detach()).item(), **{k: v.item() for k, v in means.items()}}
+
+    def train(self, **options):
+        """``options``: ``checkpoint_dir``, ``save_every``, ``resume``, ``progress`` (``run_loop``)."""
+        return run_loop(self, **options)

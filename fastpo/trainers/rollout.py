@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .distributed import local_shards, shard_rows, world
+
 IGNORE_INDEX = -100
 
 
@@ -91,6 +93,55 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int, do_sa
     mask = _completion_mask(completion_ids, tokenizer.eos_token_id)
     completion_ids = completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
     return Rollout(prompt_ids, prompt_mask, completion_ids, mask, _texts(tokenizer, completion_ids, mask))
+
+
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Rollouts one after the other: prompts left-padded, completions right-padded to one width."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(tensors, left):
+        width = max(t.shape[1] for t in tensors)
+        pads = [(width - t.shape[1], 0) if left else (0, width - t.shape[1]) for t in tensors]
+        return lambda fill: torch.cat([torch.nn.functional.pad(t, p, value=fill) for t, p in zip(tensors, pads)])
+
+    prompts = cat([r.prompt_ids for r in parts], True)(pad_id)
+    prompt_mask = cat([r.prompt_mask for r in parts], True)(0)
+    completions = cat([r.completion_ids for r in parts], False)(pad_id)
+    completion_mask = cat([r.completion_mask for r in parts], False)(0)
+    return Rollout(prompts, prompt_mask, completions, completion_mask, [t for r in parts for t in r.texts])
+
+
+def generate_shards(model, tokenizer, prompts: list[str], data_shards: int | None, generator: torch.Generator,
+                    **options) -> tuple[list[str], Rollout, int]:
+    """This rank's part of a step's sampling: ``prompts`` (the same global list on every rank)
+    split into ``data_shards`` (default: the world size) equal contiguous shards, each sampled by
+    its own ``generate`` call after seeding torch with a per-shard seed drawn from ``generator``.
+    So the samples of a shard do not depend on which rank, or how many, produce them: one
+    process with ``data_shards=N`` reproduces an N-rank run. A single shard: one plain call
+    (torch's global RNG as it stands). Returns ``(local prompts, rollout, local shards)``; the
+    rollout rows are each local prompt repeated ``num_return_sequences`` times."""
+    local = local_shards(data_shards, len(prompts), "prompts per step")
+    shards = data_shards or world()[1]
+    if shards == 1:
+        return prompts, generate(model, tokenizer, prompts, **options), 1
+    seeds = torch.randint(2 ** 62, (shards,), generator=generator).tolist()  # drawn on every rank alike
+    parts, mine = [], []
+    for s in local:
+        torch.manual_seed(seeds[s])
+        mine += shard_rows(prompts, shards, s)
+        parts.append(generate(model, tokenizer, shard_rows(prompts, shards, s), **options))
+    return mine, concat_rollouts(parts, tokenizer.pad_token_id), len(local)
+
+
+def shard_chunks(rows: int, shards: int, chunks: int, order: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Row indices of ``chunks`` minibatches over ``rows`` rows made of ``shards`` equal shards:
+    minibatch i = chunk i of every shard (rows within a shard permuted by ``order``, a
+    permutation of the shard's rows) — the union over ranks of what each rank's minibatch i
+    holds. One shard: ``order.chunk(chunks)`` (``arange`` without an order)."""
+    per = rows // shards
+    order = torch.arange(per) if order is None else order
+    return [torch.cat([s * per + c for s in range(shards)]) for c in order.chunk(chunks)]
 
 
 def pack(rollout: Rollout) -> Batch:

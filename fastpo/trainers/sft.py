@@ -12,7 +12,8 @@ import torch
 
 import fastpo
 
-from .common import MetricsWriter, check_dataset, linear_warmup, load_policy, torch_threads, write_eval
+from .common import MetricsWriter, apply_gradients, check_dataset, linear_warmup, load_policy, run_loop, write_eval
+from .distributed import all_sum, global_count, local_shards, shard_rows, world
 from .rollout import encode_completions, head, hidden_states, pack
 
 
@@ -30,23 +31,29 @@ class SFTConfig:
 
 
 def sft_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token-mean NLL, number of completion tokens) of one packed batch."""
+    """(token-mean NLL, number of completion tokens) of one packed batch; under data parallel
+    the mean is over the global batch's tokens (this rank's share of it)."""
     weight, bias = head(model)
     logp = fastpo.linear_token_logprobs(hidden_states(model, batch), weight, batch.labels, bias=bias)
     n = (batch.labels != -100).sum()
-    return -logp.sum() / n.clamp_min(1), n
+    total = global_count(n)
+    return -logp.sum() / (n if total is None else total).clamp_min(1), n
 
 
 class SFTTrainer:
     """``SFTTrainer(model_or_dir, tokenizer, dataset, config).train()``; dataset: (prompt,
     completion) string pairs (EOS is appended). ``evaluator(model, tokenizer) -> dict`` runs
-    every ``eval_every`` steps."""
+    every ``eval_every`` steps. Under torchrun each rank takes its share of every batch
+    (``distributed.py``)."""
+
+    checkpoint_modules = ("model",)
 
     def __init__(self, model, tokenizer=None, dataset=(), config: SFTConfig | None = None, *,
                  evaluator=None, metrics_path: str | None = None):
         self.model, self.tokenizer = load_policy(model, tokenizer)
         self.dataset = check_dataset("SFTTrainer", dataset)
         self.config = config or SFTConfig()
+        local_shards(None, self.config.batch_size, "SFTConfig.batch_size")  # splits over the ranks
         self.evaluator, self.metrics = evaluator, MetricsWriter(metrics_path)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.config.lr,
                                            weight_decay=self.config.weight_decay)
@@ -55,6 +62,7 @@ class SFTTrainer:
 
     def batch(self, generator):
         idx = torch.randint(len(self.dataset), (self.config.batch_size,), generator=generator).tolist()
+        idx = shard_rows(idx, world()[1], local_shards(None, len(idx), "SFTConfig.batch_size")[0])
         prompts, completions = zip(*(self.dataset[i] for i in idx))
         device = next(self.model.parameters()).device
         return pack(encode_completions(self.tokenizer, list(prompts), list(completions), device))
@@ -62,23 +70,11 @@ class SFTTrainer:
     def evaluate(self):
         return write_eval(self)
 
-    def train(self):
-        cfg = self.config
-        generator = torch.Generator().manual_seed(cfg.seed)
-        with torch_threads(cfg.num_threads):
-            self.model.train()
-            self.evaluate()
-            while self.step < cfg.steps:
-                loss, n = sft_loss(self.model, self.batch(generator))
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                lr = self.scheduler.get_last_lr()[0]
-                self.optimizer.step()
-                self.scheduler.step()
-                self.step += 1
-                self.metrics.write(type="train", step=self.step, lr=lr, loss=loss.item(), tokens=n.item())
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                    self.evaluate()
-            self.evaluate()
-        return self.metrics.rows
+    def train_step(self, generator) -> dict:
+        loss, n = sft_loss(self.model, self.batch(generator))
+        apply_gradients(self, loss, list(self.model.parameters()))
+        return {"loss": all_sum(loss.detach()).item(), "tokens": all_sum(n).item()}
+
+    def train(self, **options):
+        """``options``: ``checkpoint_dir``, ``save_every``, ``resume``, ``progress`` (``run_loop``)."""
+        return run_loop(self, **options)
