@@ -62,6 +62,10 @@ def device_peak_gbps(device: torch.device, mib: int = 512) -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
+# run only when named (``fastpo bench --ops trl_head``): minutes per shape on a CPU
+OPT_IN = ("trl_head",)
+
+
 def op_modules() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 
@@ -83,7 +87,7 @@ def run_case(case: Case, device: torch.device, peak_gbps: float | None) -> Resul
 def collect_cases(device: torch.device, ops: Iterable[str] | None = None, shapes=None) -> list[Case]:
     cases: list[Case] = []
     for name in op_modules():
-        if ops and name not in ops:
+        if (ops and name not in ops) or (not ops and name in OPT_IN):
             continue
         module = importlib.import_module(f"{__name__}.{name}")
         cases.extend(module.cases(device, shapes))
