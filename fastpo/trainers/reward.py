@@ -24,8 +24,8 @@ from .rollout import encode_completions, pack
 @dataclass
 class RewardConfig:
     steps: int = 400
-    batch_size: int = 64           # pairs per step
-    lr: float = 3e-3               # linear warmup, then linear decay to 0
+    batch_size: int = 128          # pairs per step (64 at lr 3e-3: held-out pair accuracy 0.85-0.94)
+    lr: float = 2e-3               # linear warmup, then linear decay to 0
     warmup_steps: int = 40
     max_grad_norm: float = 1.0
     eval_every: int = 100
