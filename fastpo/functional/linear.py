@@ -133,8 +133,14 @@ def linear_token_logprobs(
             the label is the (first) argmax — the extra outputs of TRL 1.16's fused LM head —
             computed on the same chunks (no extra GEMM); 0 / False at ignored positions. Not
             with ``process_group``.
-        chunk_size: kept rows per chunk of logits; None: ``floor(128 MiB / (4 V))`` rows, at
-            least 1, at most the number of kept rows (``fastpo.ops.linear_head.default_chunk_size``).
+        chunk_size: kept rows per chunk of logits; None: from V and the free memory
+            (``fastpo.ops.linear_head.default_chunk_size``): a byte budget for the chunk's
+            logits buffers, ``min(64 MiB, free / 16)`` (free: ``torch.cuda.mem_get_info`` on
+            CUDA, ``MemAvailable`` of /proc/meminfo on CPU), divided by the bytes of one row
+            (``V x itemsize``; with a softcap also its fp32 tanh and the capped copy), rounded
+            down to a multiple of 64, at least 64, at most the number of kept rows: 512 rows for
+            fp32 at V = 32000, 1024 for bf16. The free memory only matters below 1 GiB free;
+            pass ``chunk_size`` for a dW summation order that never depends on it.
         process_group: vocabulary parallel (DESIGN.md §4): a ``torch.distributed`` group over
             which the head is sharded by vocabulary: ``weight`` ``[V_r, H]`` (``bias`` ``[V_r]``)
             is this rank's contiguous shard, shards in rank order, sizes may differ (offsets
@@ -158,8 +164,9 @@ def linear_token_logprobs(
         materialised logits. Ignored positions give 0, cost no matmul and get zero gradient.
 
     Cost: forward 1 GEMM per chunk (keeps ``[K]`` vectors only), backward 3 (recomputed logits,
-    dL/dhidden, dL/dweight accumulated in fp32). Peak extra memory a few ``chunk x V`` buffers
-    plus the fp32 ``V x H`` dW accumulator; never ``N x V``.
+    dL/dhidden, dL/dweight accumulated in fp32). Peak extra memory: one ``chunk x V`` logits
+    buffer, dL/dhidden and the fp32 ``V x H`` dW accumulator (for fp32 weights it is the
+    returned dW; for 16-bit ones also the 16-bit dW it is cast to at the end); never ``N x V``.
     """
     name = "linear_token_logprobs"
     _check_head(hidden, weight, labels, bias, name)

@@ -33,9 +33,11 @@ derivatives on ``[B, T]``, then the gradient pass), the dh all-reduce in its for
 
 The transform: ``x = softcap * tanh(z / softcap)`` (if softcap), ``x * logit_scale / T``. The
 kernels receive ``x`` before the scale and the temperature ``T / logit_scale``, the same
-number, so the scale costs no pass over the chunk. Peak extra memory: a few chunk-sized
-buffers (``chunk x V``), the fp32 ``V x H`` accumulator of dW (for 16-bit inputs also one
-16-bit ``V x H`` partial per chunk, see ``HeadGrads.add``) and the gradients; never N x V.
+number, so the scale costs no pass over the chunk. Peak extra memory: the chunk's logits
+(``chunk x V``, sized by ``default_chunk_size``), dL/dhidden and ONE ``V x H`` buffer, the fp32
+accumulator of dW: for fp32 weights it is the dW returned (and, for the policy loss, rescaled in
+place by ``GradBuffer``); 16-bit weights add their 16-bit cast at the end, and per chunk only a
+``DW_BLOCK_BYTES`` block of the 16-bit partial (``HeadGrads.add``). Never N x V.
 """
 from __future__ import annotations
 
@@ -67,15 +69,58 @@ class VocabShard:
     total: int
 
 
-# a chunk of fp32 logits is at most this many bytes (default chunk size)
-CHUNK_BYTES = 128 << 20
+# ----------------------------------------------------------------------------- chunk size
+# The default chunk (``chunk_size=None``) is sized by the bytes of its logits buffers:
+# budget = min(CHUNK_BYTES_CAP, CHUNK_FREE_FRACTION * free memory of the device). The cap keeps the
+# chunk well under the fp32 dW every call returns (a 64 MiB chunk is 512 rows of fp32 logits at
+# V = 32000, where dW [V, 1024] is 125 MiB) and big enough that the GEMMs keep their speed;
+# the fraction matters only under memory pressure (below 1 GiB free).
+CHUNK_BYTES_CAP = 64 << 20
+CHUNK_FREE_FRACTION = 1 / 16
+CHUNK_ALIGN = 64  # rows; GEMM-friendly M
 
 
-def default_chunk_size(rows: int, vocab: int) -> int:
-    """Rows per chunk when ``chunk_size=None``: as many as keep ``rows x V`` fp32 logits within
-    ``CHUNK_BYTES`` (128 MiB: 1048 rows for V = 32000, 220 for V = 151936), at least 1, at most
-    the number of kept rows."""
-    return max(1, min(rows, CHUNK_BYTES // (4 * vocab)))
+def free_memory_bytes(device) -> Optional[int]:
+    """Free memory of ``device`` in bytes: ``torch.cuda.mem_get_info`` on CUDA, ``MemAvailable``
+    of ``/proc/meminfo`` on CPU (Linux); None where it cannot be read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024  # kB
+        except OSError:
+            pass
+    return None
+
+
+def chunk_budget_bytes(device) -> int:
+    """Bytes one chunk's logits buffers may take: ``min(CHUNK_BYTES_CAP, CHUNK_FREE_FRACTION x free)``."""
+    free = free_memory_bytes(device)
+    return CHUNK_BYTES_CAP if free is None else min(CHUNK_BYTES_CAP, int(free * CHUNK_FREE_FRACTION))
+
+
+def chunk_row_bytes(vocab: int, dtype: torch.dtype, softcap: bool) -> int:
+    """Bytes of the chunk-sized buffers per row: the logits in their dtype, and with a softcap
+    also ``tanh(z / softcap)`` in the accumulation dtype and the capped logits."""
+    per = dtype.itemsize + ((acc_dtype(dtype).itemsize + dtype.itemsize) if softcap else 0)
+    return vocab * per
+
+
+def default_chunk_size(rows: int, row_bytes: int, budget: int) -> int:
+    """Rows per chunk when ``chunk_size=None``: ``budget // row_bytes`` rounded down to a multiple
+    of ``CHUNK_ALIGN`` (at least ``CHUNK_ALIGN``), at most ``rows`` (the kept rows; at least 1).
+    fp32, V = 32000, 64 MiB: 512 rows; bf16: 1024; bf16, V = 151936: 192."""
+    step = max(CHUNK_ALIGN, budget // max(1, row_bytes) // CHUNK_ALIGN * CHUNK_ALIGN)
+    return max(1, min(rows, step))
+
+
+# dW of 16-bit weights is accumulated in fp32 from 16-bit GEMM partials taken over blocks of
+# vocabulary rows, so that neither the partial nor its fp32 upcast is ever V x H
+DW_BLOCK_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -104,7 +149,9 @@ class LinearHead:
         self.rows, self.labels, self.opts, self.shard = rows, labels, opts, shard
         self.kept = rows.numel()
         self.acc = acc_dtype(hidden.dtype)
-        self.step = opts.chunk_size or default_chunk_size(self.kept, weight.shape[0])
+        self.step = opts.chunk_size or default_chunk_size(
+            self.kept, chunk_row_bytes(weight.shape[0], weight.dtype, opts.softcap is not None),
+            chunk_budget_bytes(weight.device))
 
     def chunks(self):
         for start in range(0, self.kept, self.step):
@@ -177,8 +224,12 @@ class HeadGrads:
                 # bf16 / fp16: the chunk's partial dW from a 16-bit GEMM (fp32 accumulation
                 # inside, one rounding), summed across chunks in fp32. torch has no fp32-output
                 # 16-bit matmul on CPU (aten::mm.dtype is CUDA-only), and an fp32 GEMM on
-                # upcast chunks is 3-4x slower here; the cost is one V x H 16-bit temporary.
-                self.dw.add_(torch.mm(dz.t(), h))
+                # upcast chunks is 3-4x slower here. Taken over blocks of vocabulary rows: a
+                # whole V x H partial plus the fp32 upcast add_ makes of it would be 1.5x dW.
+                rows = max(1, DW_BLOCK_BYTES // (h.shape[1] * (dz.element_size() + self.dw.element_size())))
+                for v0 in range(0, dz.shape[1], rows):
+                    v1 = min(dz.shape[1], v0 + rows)
+                    self.dw[v0:v1].add_(torch.mm(dz[:, v0:v1].t(), h))
         if self.db is not None:
             self.db.add_(dz.sum(0, dtype=self.db.dtype))
 
@@ -296,7 +347,8 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         head.labels_checked()
         logp, entropy, lse, *more = _token_pass(head, extras)
         ctx.save_for_backward(hidden, weight, bias, labels, rows, lse, entropy)
-        ctx.opts, ctx.shard = opts, shard
+        # the backward recomputes with the forward's chunking (the default reads free memory)
+        ctx.opts, ctx.shard = dataclasses.replace(opts, chunk_size=head.step), shard
         ctx.set_materialize_grads(False)
         n = hidden.shape[0]
         more = [_scatter(m, rows, n) for m in more]
