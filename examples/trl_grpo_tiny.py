@@ -4,9 +4,11 @@
 
 Builds a character-level tokenizer (padded with unused tokens up to ``--vocab``, so the LM head
 has a realistic width) and a Llama from a config in a temp dir, trains ``--steps`` GRPO steps
-(dapo loss, KL beta 0.04, 2 iterations per generation) twice from the same seed — TRL's path,
-then under ``fastpo.integrations.trl.patched()`` — and prints wall time, peak extra tensor
-memory and the last logged loss of each. Offline; needs trl >= 1.16, transformers, tokenizers,
+(dapo loss, KL beta 0.04, 2 iterations per generation) three times from the same seed — TRL's
+path, under ``fastpo.integrations.trl.patched()`` (TRL's loss, fastpo's head), and with
+``fastpo.integrations.trl.GRPOTrainer`` (the loss from hidden states: ``linear_policy_loss``, 3
+LM-head GEMMs; with the switch on, so the no-grad old / reference scoring runs on fastpo too)
+— and prints wall time, peak extra tensor memory and the logged losses of each. Offline; needs trl >= 1.16, transformers, tokenizers,
 datasets.
 """
 from __future__ import annotations
@@ -58,18 +60,20 @@ def text_length(completions, **_):
     return [len(text) / 100 for text in completions]
 
 
-def train(folder, tokenizer, steps: int, use_fastpo: bool):
+def train(folder, tokenizer, steps: int, mode: str = "trl"):
+    """mode: "trl", "patched" (the switch) or "subclass" (fastpo's GRPOTrainer, with the switch)."""
     args = GRPOConfig(output_dir=os.path.join(folder, "out"), use_cpu=True, bf16=False, report_to="none",
                       optim="sgd", learning_rate=0.1, logging_steps=1, save_strategy="no", seed=0,
                       max_steps=steps, per_device_train_batch_size=8, num_generations=8,
                       max_completion_length=32, num_iterations=2, beta=0.04, loss_type="dapo", disable_tqdm=True)
     prompts = Dataset.from_dict({"prompt": ["hello ", "what is ", "to be ", "say a word "] * 16})
-    trainer = GRPOTrainer(model=folder, reward_funcs=text_length, args=args, train_dataset=prompts,
-                          processing_class=tokenizer)
+    cls = ft.GRPOTrainer if mode == "subclass" else GRPOTrainer
+    trainer = cls(model=folder, reward_funcs=text_length, args=args, train_dataset=prompts,
+                  processing_class=tokenizer)
     for quiet in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(quiet)
     t0 = time.perf_counter()
-    if use_fastpo:
+    if mode in ("patched", "subclass"):  # the subclass with the switch: old / ref scoring on fastpo too
         with ft.patched():
             peak = peak_extra_bytes(trainer.train, torch.device("cpu"))
     else:
@@ -89,14 +93,16 @@ def main():
     hf_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as folder:
         tokenizer = build(folder, a.vocab, a.hidden)
-        train(folder, tokenizer, 1, False)  # warm-up: first-call costs fall on neither measured run
+        train(folder, tokenizer, 1)  # warm-up: first-call costs fall on no measured run
         runs = {}
-        for label, on in (("TRL", False), ("TRL + fastpo", True)):
-            seconds, peak, runs[label] = train(folder, tokenizer, a.steps, on)
-            print(f"{label:13s} {seconds:7.2f} s   peak extra {peak / 2**20:8.1f} MiB   "
+        for label, mode in (("TRL", "trl"), ("TRL + fastpo", "patched"), ("fastpo subclass", "subclass")):
+            seconds, peak, runs[label] = train(folder, tokenizer, a.steps, mode)
+            print(f"{label:15s} {seconds:7.2f} s   peak extra {peak / 2**20:8.1f} MiB   "
                   f"losses {' '.join(f'{x:+.3e}' for x in runs[label])}")
-        gap = max(abs(x - y) for x, y in zip(*runs.values()))
-        print(f"largest loss difference between the two runs: {gap:.2e}")
+        ref = runs["TRL"]
+        for label in ("TRL + fastpo", "fastpo subclass"):
+            gap = max(abs(x - y) for x, y in zip(ref, runs[label]))
+            print(f"largest loss difference, TRL vs {label}: {gap:.2e}")
 
 
 if __name__ == "__main__":

@@ -70,9 +70,18 @@ OUTPUT_SETS = [pytest.param((), id="logp-only"), pytest.param(ALL_OUTPUTS, id="a
                pytest.param(("is_top1", "entropy"), id="entropy+top1")]
 
 
+# the served head keeps a call's logits for the backward when they fit in trl_head.KEEP_LOGITS_BYTES
+KEEP = [pytest.param(1 << 30, id="logits-kept"), pytest.param(0, id="logits-recomputed")]
+
+
+@pytest.fixture(params=KEEP)
+def keep_budget(request, monkeypatch):
+    monkeypatch.setattr(trl_head, "KEEP_LOGITS_BYTES", request.param)
+
+
 @pytest.mark.parametrize("outputs", OUTPUT_SETS)
 @pytest.mark.parametrize("temperature,softcap,scale,bias", OPTIONS)
-def test_head_matches_trl_fp32(temperature, softcap, scale, bias, outputs):
+def test_head_matches_trl_fp32(temperature, softcap, scale, bias, outputs, keep_budget):
     # N = 67, V = 157: odd sizes, several fastpo row chunks not forced
     args = _head_inputs(67, 24, 157, torch.float32, bias=bias)
     (want, want_g), (got, got_g) = (_run_head(f, *args, temperature, softcap, scale, outputs)
@@ -92,7 +101,7 @@ def test_head_matches_trl_fp32(temperature, softcap, scale, bias, outputs):
 
 
 @pytest.mark.parametrize("temperature,softcap,scale,bias", OPTIONS)
-def test_head_bf16_error_no_larger_than_trls(temperature, softcap, scale, bias):
+def test_head_bf16_error_no_larger_than_trls(temperature, softcap, scale, bias, keep_budget):
     """bf16: both differ from fp64 math; fastpo's error must not exceed TRL's own (by > 1.5x)."""
     args = _head_inputs(64, 32, 301, torch.bfloat16, bias=bias, seed=3)
     ref_lp, ref_ent = _ref_head(*[a.detach() if a is not None else None for a in args], temperature, softcap, scale)
@@ -148,6 +157,19 @@ def test_head_empty_and_fallback():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ft.FastpoChunkedLogProb.apply(*args, 1.0, 32768, 3.0, -0.5, ("entropy",))
+
+
+@pytest.mark.parametrize("keep,gemms", [(16 * 33 * 4, 3), (16 * 33 * 4 - 1, 4)])  # fits exactly / 1 byte short
+def test_head_kept_logits_skip_the_recompute_gemm(monkeypatch, keep, gemms):
+    """Kept logits: forward 1 vocabulary GEMM, backward 2 (dL/dhidden, dL/dweight); recomputed: 1 + 3."""
+    monkeypatch.setattr(trl_head, "KEEP_LOGITS_BYTES", keep)
+    hidden, weight, _, targets = _head_inputs(16, 8, 33, torch.float32, bias=False)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        out = ft.FastpoChunkedLogProb.apply(hidden, weight, None, targets, 0.8, 32768, None, 1.0, ("entropy",))
+        (out[0].sum() + out[1].sum()).backward()
+    vocab_gemms = [e for e in prof.events() if e.name in ("aten::mm", "aten::addmm", "aten::addmm_")
+                   and any(33 in shape for shape in e.input_shapes if shape)]
+    assert len(vocab_gemms) == gemms, [(e.name, e.input_shapes) for e in vocab_gemms]
 
 
 def test_profiler_sees_fastpo_and_not_trls_tiles(monkeypatch):

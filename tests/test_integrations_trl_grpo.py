@@ -39,27 +39,30 @@ class _Routes:
         monkeypatch.setattr(trl_grpo, "policy_loss_from_logprobs", count_composed)
 
 
-# (config, route, logged keys that must be there): why each case is there
+# (config, route, with the switch on too, logged keys that must be there): why each case is there
 CASES = [
     # token-level DAPO with KL (ratio-weighted, TRL's default) and a static entropy bonus: the fused op
-    pytest.param(dict(loss_type="dapo", beta=0.1, entropy_coef=0.05), "fused",
+    pytest.param(dict(loss_type="dapo", beta=0.1, entropy_coef=0.05), "fused", False,
                  {"kl", "entropy", "policy_loss", "entropy_coef", "clip_ratio/low_min", "clip_ratio/high_max"},
                  id="dapo-kl-entropy"),
-    # sequence-level importance sampling: a per-sequence ratio, composed route; temperature reaches the head
+    # sequence-level importance sampling: a per-sequence ratio, composed route; temperature reaches the
+    # head; under the switch (old / reference scoring on fastpo as well; the capture restores the switch)
     pytest.param(dict(loss_type="grpo", beta=0.05, importance_sampling_level="sequence", temperature=0.7),
-                 "composed", {"kl", "entropy", "clip_ratio/region_mean"}, id="grpo-sequence-is-T0.7"),
+                 "composed", True, {"kl", "entropy", "clip_ratio/region_mean"}, id="grpo-sequence-is-T0.7+switch"),
     # seq-mean normaliser with delta and the top-entropy mask on policy term and bonus
     pytest.param(dict(loss_type="dr_grpo", delta=1.5, top_entropy_quantile=0.5, entropy_coef=0.05), "composed",
-                 {"entropy", "policy_loss", "clip_ratio/high_mean"}, id="dr_grpo-delta-top-entropy"),
+                 False, {"entropy", "policy_loss", "clip_ratio/high_mean"}, id="dr_grpo-delta-top-entropy"),
 ]
 
 
-@pytest.mark.parametrize("config,route,keys", CASES)
-def test_subclass_same_run_as_trl(config, route, keys, tmp_path, tokenizer, model_dir, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize("config,route,switch,keys", CASES)
+def test_subclass_same_run_as_trl(config, route, switch, keys, tmp_path, tokenizer, model_dir,  # noqa: F811
+                                  monkeypatch):
     ref = _train(lambda: _grpo(tmp_path, model_dir, tokenizer, **config), fastpo=False)
     routes = _Routes(monkeypatch)
     trainer_cls = ft.GRPOTrainer
-    got = _train(lambda: _grpo(tmp_path, model_dir, tokenizer, trainer_cls=trainer_cls, **config), fastpo=False)
+    got = _train(lambda: _grpo(tmp_path, model_dir, tokenizer, trainer_cls=trainer_cls, **config), fastpo=switch)
+    assert not ft.is_enabled()
     calls = {"fused": routes.fused, "composed": routes.composed}
     assert calls[route] == 2 and sum(calls.values()) == 2, calls  # one loss per step, on the expected route
     assert {"loss", "grad_norm"} | keys <= set(ref[0][0]), sorted(ref[0][0])

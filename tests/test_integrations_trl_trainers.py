@@ -24,6 +24,7 @@ CHARS = list("abcdefghijklmnopqrstuvwxyz ?!.")
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]
 # Time- and host-dependent entries of TRL's log history, not numbers of the run
 UNTIMED = ("runtime", "per_second", "time", "total_flos")
+HEADS = ("_kept_logits_head", "_recomputing_head")
 
 
 @pytest.fixture(autouse=True)
@@ -81,19 +82,24 @@ class _Spy:
 
     def __init__(self, monkeypatch):
         self.fastpo = self.trl = 0
-        real = trl_head.linear_token_logprobs
+        self.rows = []
         real_tile = trl_kernel._forward_tile
-
-        def fastpo_head(*a, **k):
-            self.fastpo += 1
-            return real(*a, **k)
+        for name in HEADS:  # the served head's two paths (logits kept / recomputed)
+            monkeypatch.setattr(trl_head, name, self._counting(getattr(trl_head, name)))
 
         def trl_tile(*a, **k):
             self.trl += 1
             return real_tile(*a, **k)
 
-        monkeypatch.setattr(trl_head, "linear_token_logprobs", fastpo_head)
         monkeypatch.setattr(trl_kernel, "_forward_tile", trl_tile)
+
+    def _counting(self, real):
+        def head(hidden, *a, **k):
+            self.fastpo += 1
+            self.rows.append(hidden.shape[0])
+            return real(hidden, *a, **k)
+
+        return head
 
     def take(self):
         out = (self.fastpo, self.trl)
@@ -227,14 +233,7 @@ def test_fused_lm_head_compact_scoring(tokenizer, monkeypatch, outputs):
     all-masked micro-batch still gives a differentiable zero."""
     from trl.trainer.utils import add_fused_lm_head
 
-    rows = []
-    real = trl_head.linear_token_logprobs
-
-    def counting(h, *a, **k):
-        rows.append(h.shape[0])
-        return real(h, *a, **k)
-
-    monkeypatch.setattr(trl_head, "linear_token_logprobs", counting)
+    rows = _Spy(monkeypatch).rows
     g = torch.Generator().manual_seed(0)
     input_ids = torch.randint(4, len(tokenizer), (3, 9), generator=g)
     labels = input_ids.clone()

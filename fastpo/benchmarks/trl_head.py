@@ -21,7 +21,7 @@ gradients of hidden and weight:
 ``shapes``: a list of ``(N, H, V, dtype)``, or the CLI's ``(N, V, dtype)`` (H = 1024 on CPU,
 4096 on CUDA). Default: N in (2048, 8192) x V in (32000, 128256), H = 1024 (CPU fp32, CUDA bf16).
 Shapes above 2048 x 32000 run GRPO's outputs only, with 3 timed repetitions (not 10), and
-above 4x that work 1: each TRL call there takes tens of seconds to minutes on 2 cores. A
+above 5x that work 1: each TRL call there takes tens of seconds to minutes on 2 cores. A
 shape whose estimated peak does not fit in the available memory is skipped, with a line
 saying so.
 """
@@ -112,7 +112,7 @@ def _shape_cases(n, h, v, dtype, device, trl_fn) -> Iterator[Case]:
     targets = torch.randint(0, v, (n,), generator=gen).to(device)
     up = torch.randn(2, n, generator=gen).to(device)
     work = n * v / SMALL_WORK
-    reps = 10 if work <= 1 else 3 if work <= 4 else 1
+    reps = 10 if work <= 1 else 3 if work <= 5 else 1
     common = dict(op="trl_head", dtype=str(dtype).replace("torch.", ""), shape=f"{n}x{h}x{v}",
                   floor_bytes=floor_bytes(n, h, v, hidden.element_size()), reps=reps)
     note = f"8NHV={8 * n * h * v / 1e9:.0f} GFLOP" + ("" if reps == 10 else f", {reps} run(s)")

@@ -15,12 +15,19 @@ import torch
 
 from .._validation import LOGIT_DTYPES
 from ..functional.linear import linear_token_logprobs
+from ..functional.token_logprobs import token_logprobs
 
 __all__ = ["FastpoChunkedLogProb", "TRL_OPTIONAL_OUTPUTS", "compute_dtype", "fastpo_options", "zero3_enabled"]
 
 # TRL's ``OPTIONAL_OUTPUTS`` (trl/kernels/chunked_logprob.py), in the order of its return tuple
 TRL_OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 _warned: set[str] = set()
+# A call whose logits take at most this many bytes keeps them from the forward for the backward:
+# 3 LM-head GEMMs (logits; dL/dhidden, dL/dweight) instead of 4 (the backward's recompute).
+# N = 2048, V = 32000, fp32 (250 MiB) does; a larger call keeps nothing (all or nothing: a part
+# kept would add up to this much memory to a call that already holds a V x H fp32 dW for a
+# fraction of the saving).
+KEEP_LOGITS_BYTES = 256 << 20
 
 
 def _trl_function():
@@ -81,9 +88,12 @@ class FastpoChunkedLogProb:
     autocast off, accumulating in fp32. Outputs: ``log_probs`` ``[N]`` fp32 and, when named in
     ``outputs``, ``entropy`` ``[N]`` fp32 (differentiable), ``log_sum_sq_probs``,
     ``mean_logits`` ``[N]`` fp32 and ``is_top1`` ``[N]`` bool (no gradient); None otherwise.
-    ``chunk_size`` is TRL's vocabulary tile width; fastpo chunks by rows
-    (``fastpo.ops.linear_head.default_chunk_size``) and ignores it. Inputs fastpo does not take
-    (see ``_why_not``) go to TRL's own function, with a one-time warning.
+    ``chunk_size`` is TRL's vocabulary tile width; fastpo chunks by rows and ignores it.
+    When a gradient will be needed (log-probs / entropy, no softcap) and the call's logits fit
+    in ``KEEP_LOGITS_BYTES``, they are kept for the backward (``F.linear`` +
+    ``token_logprobs(inplace_backward=True)``: 3 GEMMs); otherwise ``linear_token_logprobs``,
+    whose backward recomputes each chunk (4 GEMMs, only ``[N]`` vectors kept). Inputs fastpo
+    does not take (see ``_why_not``) go to TRL's own function, with a one-time warning.
     """
 
     @staticmethod
@@ -99,14 +109,40 @@ class FastpoChunkedLogProb:
         softcap, scale = fastpo_options(temperature, final_logit_softcapping, logit_scale)
         dtype = compute_dtype(hidden)
         with torch.autocast(hidden.device.type, enabled=False):
-            got = linear_token_logprobs(
-                hidden.to(dtype), weight.to(dtype), targets, bias=None if bias is None else bias.to(dtype),
-                temperature=float(temperature), logit_scale=scale, softcap=softcap,
-                return_entropy="entropy" in outputs, return_mean_logits="mean_logits" in outputs,
-                return_log_sum_sq_probs="log_sum_sq_probs" in outputs, return_is_top1="is_top1" in outputs)
-        got = list(got) if isinstance(got, tuple) else [got]
-        # fastpo's order: logp, entropy?, mean_logits?, log_sum_sq_probs?, is_top1?
-        named = dict(zip(["log_probs"] + [n for n in ("entropy", "mean_logits", "log_sum_sq_probs", "is_top1")
-                                          if n in outputs], got))
+            h, w, b = hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+            if _keeps_logits(h, w, b, softcap, outputs):
+                named = _kept_logits_head(h, w, b, targets, temperature / scale, outputs)
+            else:
+                named = _recomputing_head(h, w, b, targets, temperature, scale, softcap, outputs)
         fp32 = lambda t: t if t is None or t.dtype in (torch.float32, torch.bool) else t.float()  # noqa: E731
         return tuple(fp32(named.get(n)) for n in ("log_probs",) + TRL_OPTIONAL_OUTPUTS)
+
+
+def _keeps_logits(hidden, weight, bias, softcap, outputs) -> bool:
+    """Keep the logits (``KEEP_LOGITS_BYTES``) only when a gradient will be asked for, without
+    softcap, for log-probs / entropy only (the other outputs come from the linear op's chunks)."""
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if not wants_grad or softcap is not None or any(n not in ("log_probs", "entropy") for n in outputs):
+        return False
+    return 0 < hidden.shape[0] * weight.shape[0] * weight.element_size() <= KEEP_LOGITS_BYTES
+
+
+def _kept_logits_head(hidden, weight, bias, targets, temperature, outputs) -> dict:
+    """``token_logprobs`` of the logits ``hidden @ weight.T + bias`` held until the backward, which
+    writes dL/dlogits into them (``inplace_backward``) and takes dL/dhidden, dL/dweight from the
+    linear's own backward: 3 GEMMs."""
+    got = token_logprobs(torch.nn.functional.linear(hidden, weight, bias), targets, temperature=temperature,
+                         return_entropy="entropy" in outputs, inplace_backward=True)
+    return dict(zip(("log_probs", "entropy"), got if isinstance(got, tuple) else (got,)))
+
+
+def _recomputing_head(hidden, weight, bias, targets, temperature, scale, softcap, outputs) -> dict:
+    """``linear_token_logprobs``: [N] vectors kept, the backward recomputes each chunk's logits."""
+    got = linear_token_logprobs(
+        hidden, weight, targets, bias=bias, temperature=float(temperature), logit_scale=scale, softcap=softcap,
+        return_entropy="entropy" in outputs, return_mean_logits="mean_logits" in outputs,
+        return_log_sum_sq_probs="log_sum_sq_probs" in outputs, return_is_top1="is_top1" in outputs)
+    got = list(got) if isinstance(got, tuple) else [got]
+    # fastpo's order: logp, entropy?, mean_logits?, log_sum_sq_probs?, is_top1?
+    return dict(zip(["log_probs"] + [n for n in ("entropy", "mean_logits", "log_sum_sq_probs", "is_top1")
+                                     if n in outputs], got))
