@@ -85,8 +85,9 @@ def test_one_head_sized_accumulator(dtype, op):
             loss = fastpo.linear_token_logprobs(hidden, weight, labels, chunk_size=chunk, backend="cpu").sum()
         else:
             h, lab = hidden.view(4, 64, hidden_size), labels.view(4, 64)
-            loss = fastpo.linear_policy_loss(h, weight, lab, torch.full((4, 64), -8.0), torch.ones(4),
-                                             chunk_size=chunk, backend="cpu").loss
+            # an upstream of 3: the stored gradient is rescaled in place (GradBuffer), no copy
+            loss = 3.0 * fastpo.linear_policy_loss(h, weight, lab, torch.full((4, 64), -8.0), torch.ones(4),
+                                                   chunk_size=chunk, backend="cpu").loss
         return torch.autograd.grad(loss, (hidden, weight))
 
     head = vocab * hidden_size

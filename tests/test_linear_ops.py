@@ -227,6 +227,47 @@ def test_gradcheck(device, backend):
         assert torch.autograd.gradcheck(fn, (hidden, weight, bias), atol=1e-8, rtol=1e-6)
 
 
+# ----------------------------------------------------------------------------- fp32 head, bf16 hidden
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("op", ["token", "policy"])
+def test_fp32_head_with_bf16_hidden(device, backend, op):
+    """An fp32 lm_head with bf16 hidden states (autocast; a head kept in fp32): the op computes
+    exactly what it computes on the head cast to bf16 (values, dL/dhidden bitwise), while dW and
+    db come back fp32, accumulated from the bf16 chunks without a 16-bit rounding (most entries
+    are not bf16 numbers), within the bf16 bounds of the float64 composition. Chunk 3 of 8 kept
+    rows: several chunks, one partial."""
+    batch = policy_batch(torch.bfloat16)
+    hidden = batch["hidden"]
+    head32 = [t.detach().float().requires_grad_() for t in (batch["weight"], batch["bias"])]
+    head16 = [t.detach().requires_grad_() for t in (batch["weight"], batch["bias"])]
+    args, kw = policy_args(batch, dict(chunk_size=3))
+
+    def run(weight, bias):
+        if op == "token":
+            lp = linear_token_logprobs(hidden, weight, batch["labels"], bias=bias, chunk_size=3, backend=backend)
+            value, loss = lp, (lp * batch["adv"].unsqueeze(-1)).sum()
+        else:
+            out = linear_policy_loss(hidden, weight, *args, bias=bias, config=C(kl_coef=0.25), backend=backend, **kw)
+            value, loss = out.per_token_loss, out.loss
+        return value, torch.autograd.grad(loss, (hidden, weight, bias))
+
+    value32, (dh32, dw32, db32) = run(*head32)
+    value16, (dh16, dw16, db16) = run(*head16)
+    assert torch.equal(value32, value16) and torch.equal(dh32, dh16) and dh32.dtype == torch.bfloat16
+    assert dw32.dtype == db32.dtype == torch.float32
+    assert (dw32 != dw32.bfloat16().float()).float().mean() > 0.5  # not rounded through bf16
+    # against float64 on the bf16 head: no worse than the bf16 op's own dW and db, within TOL
+    leaves, x = materialise(hidden, *head16)
+    if op == "token":
+        ref = (fastpo.token_logprobs(x, batch["labels"], backend="torch") * batch["adv"].unsqueeze(-1)).sum()
+    else:
+        kw.pop("chunk_size")
+        ref = fastpo.policy_loss(x, *args, config=C(kl_coef=0.25), backend="torch", **kw).loss
+    _, want_w, want_b = grads_of(ref, leaves)
+    for got, own, want in ((dw32, dw16, want_w), (db32, db16, want_b)):
+        assert rel_err(got, want) <= max(TOL[torch.bfloat16], rel_err(own, want)), (rel_err(got, want), rel_err(own, want))
+
+
 # ----------------------------------------------------------------------------- sequence / DPO
 @pytest.mark.parametrize("device,backend", BACKENDS)
 def test_sequence_logprobs_and_dpo(device, backend):

@@ -52,9 +52,12 @@ def _check_head(hidden, weight, labels, bias, name: str) -> None:
             raise TypeError(f"{name}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"{name}: bias must have shape [V] = [{weight.shape[0]}], got {list(bias.shape)}")
+    # an fp32 head may serve 16-bit hidden states (autocast, a head kept in fp32)
+    head_dtypes = (hidden.dtype,) + ((torch.float32,) if hidden.dtype in (torch.bfloat16, torch.float16) else ())
     for arg, x in (("weight", weight), ("bias", bias)):
-        if x is not None and x.dtype != hidden.dtype:
-            raise ValueError(f"{name}: {arg} dtype {x.dtype} must equal hidden's dtype {hidden.dtype}")
+        if x is not None and x.dtype not in head_dtypes:
+            raise ValueError(f"{name}: {arg} dtype {x.dtype} must equal hidden's dtype {hidden.dtype}"
+                             + (" or be float32" if len(head_dtypes) > 1 else ""))
     for arg, x in (("weight", weight), ("labels", labels), ("bias", bias)):
         if x is not None and x.device != hidden.device:
             raise ValueError(f"{name}: hidden is on {hidden.device} but {arg} is on {x.device}")
@@ -122,7 +125,10 @@ def linear_token_logprobs(
 
     Args:
         hidden: ``[..., H]`` float32 / bfloat16 / float16 (float64 for gradchecks).
-        weight: ``[V, H]`` the lm_head, same dtype and device. bias: ``[V]`` or None.
+        weight: ``[V, H]`` the lm_head, same device; same dtype, or float32 with bf16 / fp16
+            hidden (autocast, a head kept in fp32): the GEMMs then run in hidden's dtype on a
+            cast of the head (one extra V x H 16-bit buffer), and dL/dweight is accumulated and
+            returned in fp32, never rounded to 16 bits. bias: ``[V]`` or None, likewise.
         labels: ``[...]`` (hidden's shape without H) integer, in ``[0, V)`` or ``ignore_index``.
         temperature, logit_scale, softcap: the logits are
             ``x = cap(hidden @ weight.T + bias) * logit_scale / temperature`` with

@@ -146,11 +146,16 @@ class LinearHead:
 
     def __init__(self, hidden, weight, bias, rows, labels, opts: HeadOptions, shard: Optional[VocabShard] = None):
         self.hidden, self.weight, self.bias = hidden, weight, bias
+        # an fp32 head with 16-bit hidden states (autocast, TRL's cast_lm_head_to_fp32): the
+        # GEMMs run in hidden's dtype on a cast of the head (one V x H copy, made per pass);
+        # dW and db are accumulated in fp32 and returned in fp32, never rounded to 16 bits
+        cast = lambda t: t if t is None or t.dtype == hidden.dtype else t.to(hidden.dtype)  # noqa: E731
+        self.w, self.b = cast(weight), cast(bias)
         self.rows, self.labels, self.opts, self.shard = rows, labels, opts, shard
         self.kept = rows.numel()
         self.acc = acc_dtype(hidden.dtype)
         self.step = opts.chunk_size or default_chunk_size(
-            self.kept, chunk_row_bytes(weight.shape[0], weight.dtype, opts.softcap is not None),
+            self.kept, chunk_row_bytes(weight.shape[0], hidden.dtype, opts.softcap is not None),
             chunk_budget_bytes(weight.device))
 
     def chunks(self):
@@ -162,8 +167,8 @@ class LinearHead:
         fresh buffer the kernels may overwrite) and ``tanh(z / softcap)`` in the accumulation
         dtype for the chain rule (None without softcap)."""
         h = self.hidden.index_select(0, self.rows[sl])
-        w = self.weight.t()
-        z = torch.addmm(self.bias, h, w) if self.bias is not None else torch.mm(h, w)
+        w = self.w.t()
+        z = torch.addmm(self.b, h, w) if self.b is not None else torch.mm(h, w)
         cap = self.opts.softcap
         if cap is None:
             return h, z, None
@@ -214,7 +219,7 @@ class HeadGrads:
         """Add one chunk: dh = dz @ W (rows of this chunk only), dW += dz^T h, db += sum dz."""
         head = self.head
         if self.dh is not None:
-            self.dh.index_copy_(0, head.rows[sl], torch.mm(dz, head.weight))
+            self.dh.index_copy_(0, head.rows[sl], torch.mm(dz, head.w))
         if self.dw_single:
             self.dw16 = torch.mm(dz.t(), h)
         elif self.dw is not None:
@@ -224,12 +229,20 @@ class HeadGrads:
                 # bf16 / fp16: the chunk's partial dW from a 16-bit GEMM (fp32 accumulation
                 # inside, one rounding), summed across chunks in fp32. torch has no fp32-output
                 # 16-bit matmul on CPU (aten::mm.dtype is CUDA-only), and an fp32 GEMM on
-                # upcast chunks is 3-4x slower here. Taken over blocks of vocabulary rows: a
-                # whole V x H partial plus the fp32 upcast add_ makes of it would be 1.5x dW.
-                rows = max(1, DW_BLOCK_BYTES // (h.shape[1] * (dz.element_size() + self.dw.element_size())))
+                # upcast chunks is 3-4x slower here. An fp32 head (16-bit hidden) takes that
+                # fp32 GEMM on upcast blocks: its dW is never rounded to 16 bits. Over blocks of
+                # vocabulary rows: a whole V x H partial plus the fp32 upcast add_ makes of it
+                # would be 1.5x dW.
+                exact = head.weight.dtype == self.dw.dtype
+                hx = h.to(self.dw.dtype) if exact else h
+                width = max(h.shape[0], h.shape[1])
+                rows = max(1, DW_BLOCK_BYTES // (width * (dz.element_size() + self.dw.element_size())))
                 for v0 in range(0, dz.shape[1], rows):
-                    v1 = min(dz.shape[1], v0 + rows)
-                    self.dw[v0:v1].add_(torch.mm(dz[:, v0:v1].t(), h))
+                    block, out = dz[:, v0:v0 + rows].t(), self.dw[v0:v0 + rows]
+                    if exact:
+                        out.addmm_(block.to(self.dw.dtype), hx)
+                    else:
+                        out.add_(torch.mm(block, h))
         if self.db is not None:
             self.db.add_(dz.sum(0, dtype=self.db.dtype))
 
@@ -333,7 +346,7 @@ def _sharded_token_grad_pass(head: LinearHead, grads: HeadGrads, lse, entropy, g
         h, x, t = head.logits(sl)
         dx = vp.block_grad(x.to(head.acc) / kt, lse[sl], entropy[sl], g_lp[sl],
                            None if g_h is None else g_h[sl], own[sl], local[sl]).div_(kt)
-        grads.add(sl, h, head.to_z(dx, t).to(head.weight.dtype))
+        grads.add(sl, h, head.to_z(dx, t).to(head.w.dtype))
         del h, x, t, dx
 
 
