@@ -52,6 +52,16 @@ CASES = [
     # seq-mean normaliser with delta and the top-entropy mask on policy term and bonus
     pytest.param(dict(loss_type="dr_grpo", delta=1.5, top_entropy_quantile=0.5, entropy_coef=0.05), "composed",
                  False, {"entropy", "policy_loss", "clip_ratio/high_mean"}, id="dr_grpo-delta-top-entropy"),
+    # the other token-local variants on the fused op: cispo's absolute cap and its metric, sapo's gate,
+    # luspo's per-sequence sum
+    pytest.param(dict(loss_type="cispo", epsilon_high=1.02, beta=0.1), "fused", False, {"cispo_clip_ratio", "kl"},
+                 id="cispo-kl"),
+    pytest.param(dict(loss_type="sapo"), "fused", False, {"entropy"}, id="sapo"),
+    pytest.param(dict(loss_type="luspo", beta=0.1), "fused", False, {"kl", "clip_ratio/low_min"}, id="luspo-kl"),
+    # sequence-level weights: vespo's Gamma weight and its metric; the off-policy sequence mask
+    pytest.param(dict(loss_type="vespo"), "composed", False, {"vespo/phi_seq_mean"}, id="vespo"),
+    pytest.param(dict(loss_type="bnpo", off_policy_mask_threshold=0.0), "composed", False,
+                 {"clip_ratio/region_mean"}, id="bnpo-off-policy-mask"),
 ]
 
 

@@ -183,9 +183,10 @@ def make_grpo_trainer_class():
                                                   "pixel_attention_mask", "spatial_shapes", "num_tiles",
                                                   "image_sizes", "token_type_ids", "mm_token_type_ids",
                                                   "image_position_ids")})
-            (call,) = capture.calls
-            if call["targets"].shape[0] != completion_ids[kept].shape[0]:
-                raise RuntimeError("fastpo GRPOTrainer: TRL's head received other positions than the completion's")
+            if len(capture.calls) != 1 or capture.calls[0]["targets"].shape[0] != completion_ids[kept].shape[0]:
+                raise RuntimeError("fastpo GRPOTrainer: TRL's forward did not call its head once with the "
+                                   "completion's kept positions (a TRL version this class does not know?)")
+            call = capture.calls[0]
             return self._fastpo_loss(call, inputs, kept, mask)
 
         def _counts(self, mode, inputs, mask, entropy_mask=None):
