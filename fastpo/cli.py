@@ -166,6 +166,7 @@ def cmd_aot(args) -> int:
 
 def cmd_train(args) -> int:
     from .trainers import run_stage  # transformers is imported only here (the optional `train` extra)
+    from .trainers.distributed import is_main
 
     if args.stage == "all":
         import os
@@ -184,8 +185,9 @@ def cmd_train(args) -> int:
         except (ValueError, FileNotFoundError) as e:
             print(f"fastpo train: error: {e}", file=sys.stderr)
             return 2
-        print(format_report(report))
-        print(f"wrote {os.path.join(out, 'report.json')}")
+        if is_main():
+            print(format_report(report))
+            print(f"wrote {os.path.join(out, 'report.json')}")
         return 0
     try:
         summary = run_stage(args.stage, args.out or f"fastpo-runs/{args.stage}", model=args.model,
@@ -196,6 +198,8 @@ def cmd_train(args) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"fastpo train: error: {e}", file=sys.stderr)
         return 2
+    if not is_main():  # torchrun: rank 0 reports
+        return 0
     before, after = summary["before"] or {}, summary["after"] or {}
     if summary["stage"] == "rm":
         print(f"rm: {summary['steps']} steps in {summary['seconds']:.1f} s; held-out pair accuracy "

@@ -4,6 +4,8 @@ Each trainer is one readable file: ``SFTTrainer`` (sft.py), ``RewardTrainer`` (r
 ``PPOTrainer`` (ppo.py), ``GRPOTrainer`` (grpo.py), ``DPOTrainer`` (dpo.py). The embedded
 default (``default_model.py``, ``addition.py``) is a character tokenizer, a 130k-parameter Llama
 and two-digit addition with a sloppy demonstrator; ``fastpo train`` (pipeline.py) runs it.
+Shared pieces: the loop (common.py), checkpoints and exact resume (checkpoint.py), data parallel
+under torchrun (distributed.py), curves.png (curves.py), the progress bar (progress.py).
 Needs ``pip install 'fastpo[train]'``.
 """
 from . import addition, checkpoint

@@ -18,7 +18,8 @@ import torch
 
 import fastpo
 
-from .common import MetricsWriter, apply_gradients, check_dataset, linear_warmup, load_policy, run_loop, sum_rewards, write_eval
+from .common import (MetricsWriter, apply_gradients, check_dataset, linear_warmup, load_policy, run_loop,
+                     sum_rewards, write_eval)
 from .distributed import all_sum, global_count, local_shards, shard_rows, weighted_mean, world
 from .rollout import encode_completions, generate, head, hidden_states, pack
 

@@ -19,7 +19,8 @@ import torch
 
 import fastpo
 
-from .common import MetricsWriter, apply_gradients, check_dataset, linear_warmup, load_policy, run_loop, sum_rewards, write_eval
+from .common import (MetricsWriter, apply_gradients, check_dataset, linear_warmup, load_policy, run_loop,
+                     sum_rewards, write_eval)
 from .distributed import all_sum, global_count, global_mean, global_mean_std, local_shards, weighted_mean
 from .rollout import generate_shards, head, hidden_states, pack, shard_chunks
 

@@ -23,7 +23,8 @@ import torch
 
 import fastpo
 
-from .common import MetricsWriter, apply_gradients, call_reward, check_dataset, linear_warmup, load_policy, run_loop, sum_rewards, write_eval
+from .common import (MetricsWriter, apply_gradients, call_reward, check_dataset, linear_warmup, load_policy,
+                     run_loop, sum_rewards, write_eval)
 from .distributed import all_sum, global_count, global_mean, local_shards, weighted_mean, whiten
 from .rollout import IGNORE_INDEX, generate_shards, head, hidden_states, pack, shard_chunks
 
