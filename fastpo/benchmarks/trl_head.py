@@ -33,7 +33,7 @@ from typing import Iterator
 import torch
 
 from . import Case
-from .linear import floor_bytes
+from .linear import _as_nhv, floor_bytes
 
 OUTPUTS = {"log_probs": ("log_probs",), "log_probs+entropy": ("log_probs", "entropy")}
 TRL_VOCAB_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
@@ -46,13 +46,6 @@ def default_shapes(device: torch.device) -> list[tuple[int, int, int, torch.dtyp
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     h = 4096 if device.type == "cuda" else 1024
     return [(n, h, v, dtype) for n in (2048, 8192) for v in (32000, 128256)]
-
-
-def _as_nhv(shape, device) -> tuple[int, int, int, torch.dtype]:
-    if len(shape) == 4:
-        return tuple(shape)
-    n, v, dtype = shape
-    return n, 4096 if device.type == "cuda" else 1024, v, dtype
 
 
 def _available_bytes(device: torch.device) -> int | None:
