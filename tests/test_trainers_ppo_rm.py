@@ -4,6 +4,7 @@ reloadable models, metrics), each loss against a plain torch composition (materi
 advantage pipeline against a hand-written GAE loop, and bad input. CPU, offline."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -109,6 +110,9 @@ def test_cli_train_all(tmp_path, capsys):
         assert 0.0 <= r["after"] <= 1.0 and (r["method"] == "rm") == (r["hard_accuracy"] is None)
         assert (tmp_path / r["method"] / "summary.json").is_file()
     assert (tmp_path / "ppo" / "value_head.pt").is_file()
+    if importlib.util.find_spec("matplotlib"):  # the methods compared, and each stage's curves
+        assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+        assert all((tmp_path / r["method"] / "curves.png").is_file() for r in report["rows"])
     assert json.loads((tmp_path / "ppo_rm" / "summary.json").read_text())["reward_model"] == str(tmp_path / "rm")
     printed = capsys.readouterr().out
     assert "method" in printed and "ppo" in printed and "report.json" in printed
