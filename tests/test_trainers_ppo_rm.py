@@ -240,4 +240,4 @@ def test_default_ppo_and_rm_quality(tmp_path):
         assert main(["train", stage, "--out", str(tmp_path / stage)]) == 0
     after = {s: json.loads((tmp_path / s / "summary.json").read_text())["after"] for s in ("sft", "rm", "ppo")}
     assert after["ppo"]["accuracy"] >= 0.95 and after["ppo"]["hard_accuracy"] >= 0.9
-    assert after["rm"]["pair_accuracy"] >= 0.85
+    assert after["rm"]["pair_accuracy"] >= 0.92  # the 0.92-0.97 (measured 0.924/0.944/0.948, seeds 0/1/2)
