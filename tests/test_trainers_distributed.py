@@ -100,6 +100,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
     try:
         results = {kind: _run(_trainer(kind)) for kind in KINDS}
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while its peer still communicates
     finally:
         dist.destroy_process_group()
 

@@ -40,6 +40,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
         if rank == 0:
             torch.save(grads, out)
+        dist.barrier()  # no rank tears gloo down while its peer still communicates
     finally:
         dist.destroy_process_group()
 

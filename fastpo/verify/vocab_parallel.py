@@ -59,6 +59,7 @@ def _errors(rank: int, world: int, store: str, out: str) -> None:
             errs[f"linear_token_logprobs {name} grad weight slice"] = rel_err(gw2, gw[lo:lo + SIZES[rank]])
         with open(f"{out}.{rank}", "w") as f:
             json.dump(errs, f)
+        dist.barrier()  # no rank tears gloo down while its peer still communicates
     finally:
         dist.destroy_process_group()
 
