@@ -15,12 +15,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
@@ -28,6 +26,7 @@ pytest.importorskip("transformers")
 from fastpo.trainers import (DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer,  # noqa: E402
                              RewardConfig, RewardTrainer, SFTConfig, SFTTrainer, addition, build_model,
                              build_tokenizer, reward_model_from)
+from test_vocab_parallel import _launch  # noqa: E402 (the shared spawn harness)
 
 KINDS = ("sft", "grpo", "ppo", "dpo", "rm")
 WORLD = 2
@@ -108,17 +107,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    ctx = mp.start_processes(_worker, args=(WORLD, str(out / "store"), str(out)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 240
-    try:
-        while not ctx.join(timeout=0.5):
-            if time.monotonic() > deadline:
-                raise TimeoutError("the 2-process trainers did not finish in 240 s")
-    finally:
-        for p in ctx.processes:  # only the processes started here
-            if p.is_alive():
-                p.terminate()
+    _launch(_worker, WORLD, out, str(out), timeout=240.0)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

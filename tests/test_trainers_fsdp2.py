@@ -5,12 +5,11 @@ gathered gradients must equal the 1-process gradient on the whole batch."""
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from test_vocab_parallel import _launch  # the shared spawn harness
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 WORLD, ROWS = 2, 6
@@ -47,17 +46,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
 
 def test_fsdp2_gloo_gradient_equals_one_process(tmp_path):
     out = str(tmp_path / "grads.pt")
-    ctx = mp.start_processes(_worker, args=(WORLD, str(tmp_path / "store"), out), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 120
-    try:
-        while not ctx.join(timeout=0.5):
-            if time.monotonic() > deadline:
-                raise TimeoutError("FSDP2 workers did not finish in 120 s")
-    finally:
-        for p in ctx.processes:  # only the processes started here
-            if p.is_alive():
-                p.terminate()
+    _launch(_worker, WORLD, tmp_path, out)
     ref = copy.deepcopy(_model())
     (ref(_batch()).pow(2).sum() / ROWS).backward()
     grads = torch.load(out)
