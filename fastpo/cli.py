@@ -165,6 +165,18 @@ def cmd_aot(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from .trainers.distributed import shutdown
+
+    try:
+        rc = _train(args)
+    except BaseException:
+        shutdown(barrier=False)  # the peers may never reach a barrier now
+        raise
+    shutdown()  # torchrun: leave the process group before the interpreter exits
+    return rc
+
+
+def _train(args) -> int:
     from .trainers import run_stage  # transformers is imported only here (the optional `train` extra)
     from .trainers.distributed import is_main
 

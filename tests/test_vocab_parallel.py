@@ -11,6 +11,8 @@ Worker failures reach pytest through ``torch.multiprocessing`` (checked by its o
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 import pytest
@@ -35,7 +37,8 @@ def _launch(fn, world: int, tmp_path, *args, timeout: float = 120.0) -> None:
     """Run ``fn(rank, world, store, *args)`` in ``world`` spawned processes; re-raise a worker's
     exception (``ProcessRaisedException``) or a non-zero exit here, and fail on a hang."""
     store = str(tmp_path / f"store-{fn.__name__}-{world}")
-    ctx = mp.start_processes(fn, args=(world, store, *args), nprocs=world, join=False, start_method="spawn")
+    ctx = mp.start_processes(_run_then_exit, args=(fn, world, store, *args), nprocs=world, join=False,
+                             start_method="spawn")
     deadline = time.monotonic() + timeout
     try:
         while not ctx.join(timeout=0.5):
@@ -45,6 +48,18 @@ def _launch(fn, world: int, tmp_path, *args, timeout: float = 120.0) -> None:
         for p in ctx.processes:  # only the processes started here
             if p.is_alive():
                 p.terminate()
+
+
+def _run_then_exit(rank: int, fn, world: int, store: str, *args) -> None:
+    """A worker that returned (its checks passed, its process group destroyed) leaves through
+    ``os._exit(0)``: the interpreter's normal exit runs torch's C++ static destructors, which
+    abort now and then after a gloo / FSDP2 run ("terminate called without an active
+    exception": measured 3 of 40 plain-torch FSDP2 runs, 0 of 40 with this exit), failing a test
+    whose checks all passed. An exception still propagates (the spawn wrapper reports it)."""
+    fn(rank, world, store, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _init(rank: int, world: int, store: str):

@@ -30,19 +30,42 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
+_JOINED = False  # this module initialised the process group (so shutdown() tears it down)
+
+
 def init_from_env() -> torch.device | None:
     """Join the process group torchrun describes (``WORLD_SIZE`` > 1 in the environment): nccl
-    with one GPU per local rank, else gloo on CPU. Returns the rank's device, None when not
-    launched by torchrun (or already initialised by the caller)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    with one GPU per local rank, else gloo on CPU. Returns the rank's device; on a group that is
+    already initialised (a later stage of ``train all``, or the caller's own group) the device
+    of its backend; None when not distributed."""
+    global _JOINED
+    if dist.is_available() and dist.is_initialized():
+        return _comm_device()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
         dist.init_process_group("nccl")
-        return device
-    dist.init_process_group("gloo")
-    return torch.device("cpu")
+    else:
+        dist.init_process_group("gloo")
+        device = torch.device("cpu")
+    _JOINED = True
+    return device
+
+
+def shutdown(barrier: bool = True) -> None:
+    """Leave the process group ``init_from_env`` joined: a barrier (no rank tears the group down
+    while a peer still communicates; skipped with ``barrier=False``, on an error path where the
+    peers may never reach it), then ``destroy_process_group``. A process that exits with
+    a live gloo group can abort in its C++ teardown ("terminate called without an active
+    exception"), which torchrun reports as a failed rank. A no-op for a group the caller owns."""
+    global _JOINED
+    if _JOINED and dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
+    _JOINED = False
 
 
 def barrier() -> None:
