@@ -6,8 +6,9 @@ model's parameters are the exception, checked through its gradient only: with a 
 head some trunk gradients are ~0, where AdamW's first step lr * g / (|g| + eps) turns fp32
 rounding of g into a visible fraction of a step (4e-5 relative in one tensor after one step).
 For the sampling trainers (GRPO, PPO) the 1-process run uses ``data_shards=2``, which samples each shard
-with its own seed exactly as the two ranks do. Plus ``fastpo train`` under torchrun: rank 0
-alone writes the run dir. One spawn does every trainer (process start-up dominates the cost)."""
+with its own seed exactly as the two ranks do. Exact resume on 2 ranks: from rank 0's checkpoint
+every rank ends bitwise where the uninterrupted run ended. Plus ``fastpo train`` under
+torchrun: rank 0 alone writes the run dir. One spawn does every trainer (process start-up dominates the cost)."""
 from __future__ import annotations
 
 import functools
@@ -87,17 +88,32 @@ def _record_first_gradient(trainer) -> dict:
     return seen
 
 
-def _run(trainer) -> dict:
+def _run(trainer, **options) -> dict:
     grads = _record_first_gradient(trainer)
-    rows = trainer.train()
+    rows = trainer.train(**options)
     return {"params": _params(trainer), "grads": grads, "rows": rows}
+
+
+RESUMED = ("sft", "grpo", "ppo")  # data order, and sampling with per-shard seeds
+
+
+def _run_and_resume(kind: str, ckpt: str) -> dict:
+    """The run, writing a checkpoint at step 2 (rank 0 alone writes); then a fresh trainer on
+    every rank resumes from it (each rank loads rank 0's file) and runs step 3 again."""
+    result = _run(_trainer(kind), checkpoint_dir=ckpt, save_every=2)
+    if kind in RESUMED:
+        dist.barrier()  # rank 0's checkpoint is on disk
+        resumed = _trainer(kind)
+        rows = resumed.train(checkpoint_dir=ckpt, resume=True)
+        result["resumed"] = {"params": _params(resumed), "rows": rows}
+    return result
 
 
 def _worker(rank: int, world: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        results = {kind: _run(_trainer(kind)) for kind in KINDS}
+        results = {kind: _run_and_resume(kind, os.path.join(out, f"ckpt-{kind}")) for kind in KINDS}
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
         dist.barrier()  # no rank tears gloo down while its peer still communicates
     finally:
@@ -139,6 +155,19 @@ def test_two_ranks_equal_one_process_on_the_global_batch(two_ranks, kind):
                 assert g[key] == w[key], (kind, key, g, w)
             elif isinstance(w[key], float) and key != "time":
                 assert abs(g[key] - w[key]) <= 1e-4 * max(1.0, abs(w[key])), (kind, key, g[key], w[key])
+
+
+@pytest.mark.parametrize("kind", RESUMED)
+def test_two_ranks_resume_exactly(two_ranks, kind):
+    """Resumed on both ranks from rank 0's step-2 checkpoint, a run ends bitwise where the
+    uninterrupted 2-rank run ended, on each rank, and rank 0 (the one that writes them) has
+    the same metrics rows (but time)."""
+    for rank, result in enumerate(two_ranks):
+        full, resumed = result[kind], result[kind]["resumed"]
+        for k, v in full["params"].items():
+            assert torch.equal(resumed["params"][k], v), f"{kind} rank {rank}: {k} differs after resume"
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "time"} for r in rows]  # noqa: E731
+    assert drop(two_ranks[0][kind]["resumed"]["rows"]) == drop(two_ranks[0][kind]["rows"]), f"{kind}: rows differ"
 
 
 def test_data_shards_must_split_the_batch():
