@@ -75,9 +75,48 @@ def _why_not(hidden, weight, targets, temperature, softcap, logit_scale, outputs
         return f"unknown outputs {tuple(outputs)}"
     if fastpo_options(temperature, softcap, logit_scale) is None:
         return "temperature / logit_scale / final_logit_softcapping not all finite and > 0"
-    if zero3_enabled():
-        return "DeepSpeed ZeRO-3 (the backward must re-gather the head)"
     return None
+
+
+def _gather_ctx(weight, bias):
+    """TRL's own ``maybe_gather_lm_head_ctx`` (looked up per call, as TRL's backward does): the
+    ZeRO-3 all-gather of the partitioned head, a null context otherwise."""
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+    return maybe_gather_lm_head_ctx(weight, bias)
+
+
+class _RegatheredHead(torch.autograd.Function):
+    """DeepSpeed ZeRO-3: ``head(hidden, weight, bias)`` with the head re-gathered for its backward.
+
+    TRL gathers the partitioned head only around its ``.apply`` call; afterwards ZeRO-3 sets the
+    parameter's data back to its empty partition, and a backward that reads the saved weight (the
+    recompute's GEMMs, ``dz @ W``) would see ``numel 0``. The forward builds the head's graph on
+    the parameters themselves (hidden detached), the backward enters TRL's gather context and runs
+    that graph's backward inside it, returning the gradients (ZeRO-3 reduces them from there)."""
+
+    @staticmethod
+    def forward(ctx, head, hidden, weight, bias):
+        h = hidden.detach().requires_grad_(hidden.requires_grad)
+        with torch.enable_grad():
+            outs = head(h, weight, bias)
+        ctx.graph = (h, weight, bias, outs)
+        ret = tuple(None if o is None else o.detach() for o in outs)
+        ctx.mark_non_differentiable(*[r for r, o in zip(ret, outs) if o is not None and not o.requires_grad])
+        return ret
+
+    @staticmethod
+    def backward(ctx, *grads):
+        h, weight, bias, outs = ctx.graph
+        del ctx.graph
+        pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and g is not None and o.requires_grad]
+        inputs = [t for t in (h, weight, bias) if t is not None and t.requires_grad]
+        found = iter(())
+        if pairs and inputs:
+            with _gather_ctx(weight, bias):
+                found = iter(torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs],
+                                                 allow_unused=True))
+        return (None,) + tuple(next(found, None) if t is not None and t.requires_grad else None
+                               for t in (h, weight, bias))
 
 
 class FastpoChunkedLogProb:
@@ -89,6 +128,8 @@ class FastpoChunkedLogProb:
     ``outputs``, ``entropy`` ``[N]`` fp32 (differentiable), ``log_sum_sq_probs``,
     ``mean_logits`` ``[N]`` fp32 and ``is_top1`` ``[N]`` bool (no gradient); None otherwise.
     ``chunk_size`` is TRL's vocabulary tile width; fastpo chunks by rows and ignores it.
+    Under DeepSpeed ZeRO-3 the backward re-gathers the head through TRL's own
+    ``maybe_gather_lm_head_ctx`` (``_RegatheredHead``), as TRL's function does.
     When a gradient will be needed (log-probs / entropy, no softcap) and the call's logits fit
     in ``KEEP_LOGITS_BYTES``, they are kept for the backward (``F.linear`` +
     ``token_logprobs(inplace_backward=True)``: 3 GEMMs); otherwise ``linear_token_logprobs``,
@@ -108,14 +149,31 @@ class FastpoChunkedLogProb:
                                          final_logit_softcapping, logit_scale, outputs)
         softcap, scale = fastpo_options(temperature, final_logit_softcapping, logit_scale)
         dtype = compute_dtype(hidden)
-        with torch.autocast(hidden.device.type, enabled=False):
-            h, w, b = hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
-            if _keeps_logits(h, w, b, softcap, outputs):
-                named = _kept_logits_head(h, w, b, targets, temperature / scale, outputs)
-            else:
-                named = _recomputing_head(h, w, b, targets, temperature, scale, softcap, outputs)
-        fp32 = lambda t: t if t is None or t.dtype in (torch.float32, torch.bool) else t.float()  # noqa: E731
-        return tuple(fp32(named.get(n)) for n in ("log_probs",) + TRL_OPTIONAL_OUTPUTS)
+        names = ("log_probs",) + TRL_OPTIONAL_OUTPUTS
+
+        wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+        zero3 = wants_grad and zero3_enabled()
+
+        def head(hidden, weight, bias):
+            with torch.autocast(hidden.device.type, enabled=False):
+                h = hidden.to(dtype)
+                if zero3 and weight.dtype == torch.float32 and dtype != torch.float32:
+                    w, b = weight, bias  # an fp32 head stays fp32: no V x H 16-bit copy saved (see below)
+                else:
+                    w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+                if not zero3 and _keeps_logits(h, w, b, softcap, outputs):
+                    named = _kept_logits_head(h, w, b, targets, temperature / scale, outputs)
+                else:
+                    named = _recomputing_head(h, w, b, targets, temperature, scale, softcap, outputs)
+            fp32 = lambda t: t if t is None or t.dtype in (torch.float32, torch.bool) else t.float()  # noqa: E731
+            return tuple(fp32(named.get(n)) for n in names)
+
+        if zero3:
+            # ZeRO-3: only the recompute route, which saves the head parameters themselves (kept
+            # logits would pin the gathered weight through F.linear's saved transpose, and a
+            # cast would save a full V x H copy), and a backward that re-gathers them
+            return _RegatheredHead.apply(head, hidden, weight, bias)
+        return head(hidden, weight, bias)
 
 
 def _keeps_logits(hidden, weight, bias, softcap, outputs) -> bool:
