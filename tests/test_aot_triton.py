@@ -93,3 +93,24 @@ def test_defect1_check_flags_a_late_logits_load(tmp_path):
     """, tmp_path)
     assert len(out["late"]) == 1 and "ld.global" in out["late"][0]
     assert out["early"] == []
+
+
+def test_float64_kernels_take_no_fp32_scalars(tmp_path):
+    """Every float64 policy-loss launch binds its runtime hyper-parameters as fp64 (an untyped
+    Python float binds as fp32: 1 - clip_low, kl_coef, ... were ~1e-8 off in the gradcheck
+    path, visible under the interpreter of triton 3.8 but not 3.9); and the report flags an
+    fp32 scalar in a float64 kernel."""
+    out = _run("""
+        import json
+        from fastpo.aot.triton_report import _collect_here, _row
+        rows = _collect_here([90], select=lambda c: c[0] == "policy_loss_fwd" and c[2] == "fp64")
+        case = ("policy_loss_fwd", "3d-shift", "fp64", 32000)
+        res = {"compiled": True, "error": None, "registers": 64, "spill_bytes": 0, "shared_bytes": 0, "threads": 256,
+               "loops": [], "load_bits": None, "store_bits": None, "defect1": [], "fp32_scalars": ["clip_low"]}
+        flagged = _row(case, 90, res)["violations"]
+        fp32 = _row(case[:2] + ("fp32",) + case[3:], 90, res)["violations"]
+        print(json.dumps({"rows": rows, "flagged": flagged, "fp32": fp32}))
+    """, tmp_path)
+    assert out["rows"] and all(r["compiled"] and r["violations"] == [] for r in out["rows"])
+    assert out["flagged"] == ["fp32 scalar arguments in a float64 kernel: clip_low"]
+    assert out["fp32"] == []

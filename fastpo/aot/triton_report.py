@@ -22,6 +22,9 @@ Asserted (``violations``): compiled; no spills for fp32/bf16/fp16; ≥ 2 blocks/
 kernel writing the gradient during its forward (policy, WRITE_GRAD), no global load of the
 logits between the last ``bar.sync`` preceding the gradient loop and that loop (issue 8,
 defect 1: checked on the PTX by tracking which registers derive from the logits parameter);
+no fp32 scalar argument in a float64 kernel (an untyped Python float binds as fp32, so a
+clip bound or coefficient would be rounded to fp32 in the gradcheck path; the interpreter of
+some Triton versions passes the Python float through and hides it);
 ≤ 16 SASS instructions per element in the token forward and policy pass-1 loops on sm_90
 (fp32/bf16/fp16; float64 is the gradcheck path: its exp2 is libdevice's ~40-instruction
 polynomial, reported but not asserted, like its spills).
@@ -358,7 +361,7 @@ def _analyse(kernel, args, kwargs, arch, dtype):
     target, options, signature, constexprs, attrs = _specialise(kernel, args, kwargs, arch)
     res = {"compiled": False, "error": None, "registers": 0, "spill_bytes": 0, "shared_bytes": 0,
            "threads": options.num_warps * 32, "loops": [], "load_bits": None, "store_bits": None,
-           "defect1": []}
+           "defect1": [], "fp32_scalars": [n for n, t in signature.items() if t == "fp32"]}
     try:
         cc = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
     except Exception as e:  # noqa: BLE001 (reported, not raised)
@@ -427,6 +430,8 @@ def _row(case, arch, res):
             v.append(f"{res['store_bits']}-bit stores in the vocabulary loop")
     for ld in res["defect1"]:
         v.append(f"logits load after the last barrier before the gradient loop: {ld}")
+    if dtype == "fp64" and res.get("fp32_scalars"):  # an untyped Python float is an fp32 argument
+        v.append(f"fp32 scalar arguments in a float64 kernel: {', '.join(res['fp32_scalars'])}")
     if arch == 90 and dtype != "fp64" and kernel in ("token_logprobs_fwd", "policy_loss_fwd"):
         for lp in loops:
             if lp["kind"] == "pass1" and lp["instr_per_elem"] > MAX_INSTR_PER_ELEM:

@@ -138,8 +138,10 @@ def _policy_loss_fwd_kernel(
     stride_grad_r,
     stride_grad_c,
     # runtime hyper-parameters
-    clip_low, clip_high, ratio_cap, dual_clip, logratio_clamp,
-    kl_clamp, kl_coef, entropy_coef,
+    # (typed float64: an untyped Python float is an fp32 argument, which put 1 - clip_low,
+    # kl_coef, ... ~1e-8 off in the float64 kernel; each is taken into ACC below)
+    clip_low: tl.float64, clip_high: tl.float64, ratio_cap: tl.float64, dual_clip: tl.float64,
+    logratio_clamp: tl.float64, kl_clamp: tl.float64, kl_coef: tl.float64, entropy_coef: tl.float64,
     sapo_tau_pos: tl.float64,  # sapo gate temperatures (float64 on the host, used in ACC)
     sapo_tau_neg: tl.float64,
     inv_t: tl.float64,  # 1 / temperature, from the host
@@ -159,6 +161,10 @@ def _policy_loss_fwd_kernel(
     WRITE_GRAD: tl.constexpr,
 ):
     ACC: tl.constexpr = tl.float64 if logits_ptr.dtype.element_ty == tl.float64 else tl.float32
+    clip_low, clip_high = acc_scalar(clip_low, ACC), acc_scalar(clip_high, ACC)
+    ratio_cap, dual_clip = acc_scalar(ratio_cap, ACC), acc_scalar(dual_clip, ACC)
+    logratio_clamp, kl_clamp = acc_scalar(logratio_clamp, ACC), acc_scalar(kl_clamp, ACC)
+    kl_coef, entropy_coef = acc_scalar(kl_coef, ACC), acc_scalar(entropy_coef, ACC)
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
     grad_row_ptr = grad_ptr + row_offset(row, C, stride_grad_r, stride_grad_c)
