@@ -62,8 +62,16 @@ def run(archs: list[int], json_path: str | None = None, *, triton: bool = True, 
     bad = sum(bool(r["violations"]) for r in rows)
     if json_path:
         env = _versions()
-        if python:
+        if python:  # the Triton rows come from that interpreter: record its versions
+            import subprocess
+
+            got = subprocess.run([python, "-c", "import triton, torch, platform; "
+                                  "print(triton.__version__, torch.__version__, platform.python_version())"],
+                                 capture_output=True, text=True)
+            parts = got.stdout.split() if got.returncode == 0 else []
             env["triton_python"] = python
+            env["triton_python_versions"] = dict(zip(("triton", "torch", "python"), parts)) or None
+            env["triton"] = parts[0] if parts else None
         payload = {"environment": env, "archs": archs, "seconds": seconds, "summary": summary(rows), "rows": rows}
         Path(json_path).write_text(json.dumps(payload, indent=1))
     return rows, bad
