@@ -26,8 +26,8 @@ from conftest import backend_params, make_labels, rel_err
 BACKENDS = backend_params("token_logprobs")
 C = PolicyLossConfig
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
-# norm-wise relative tolerance of values and gradients against float64: fp64 hyper-parameters
-# are powers of two (Triton passes Python floats as fp32); bf16 logits are rounded once
+# norm-wise relative tolerance of values and gradients against float64: bf16 logits are
+# rounded once
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 

@@ -193,9 +193,11 @@ def test_upstream_scale_not_rounded_to_low_precision(device, backend, dtype):
     assert abs(scale.item() * 3 - 1) < 1e-4
 
 
-# float64: hyper-parameters (and 1 / temperature) exactly representable in fp32, because Triton
-# passes Python floats to kernels as fp32 (fp64 results are then exact, not within ~1e-7).
+# float64: every hyper-parameter reaches the kernels as float64 (an untyped Python float would
+# bind as fp32 in Triton: "ppo-not-fp32-exact" uses values fp32 cannot represent to prove it).
 FLOAT64_CASES = [
+    ("ppo-not-fp32-exact", C(clip_low=0.2, clip_high=0.28, dual_clip=3.1, kl_coef=0.04, kl_estimator="k3",
+                             kl_clamp=0.3, entropy_coef=0.01, temperature=0.7, logratio_clamp=0.3)),
     ("ppo-all", C(clip_low=0.25, clip_high=0.375, dual_clip=1.5, kl_coef=0.25, kl_estimator="k3",
                   kl_clamp=0.5, entropy_coef=0.0625, temperature=0.5)),
     ("ppo-ratio-cap-k2+", C(ratio_cap=1.25, logratio_clamp=0.5, kl_coef=0.125, kl_estimator="k2+",
