@@ -170,7 +170,10 @@ def linear_token_logprobs(
         materialised logits. Ignored positions give 0, cost no matmul and get zero gradient.
 
     Cost: forward 1 GEMM per chunk (keeps ``[K]`` vectors only), backward 3 (recomputed logits,
-    dL/dhidden, dL/dweight accumulated in fp32). Peak extra memory: one ``chunk x V`` logits
+    dL/dhidden, dL/dweight accumulated in fp32). Frozen head (only ``hidden`` requires a
+    gradient, e.g. LoRA) without ``return_entropy`` and without ``process_group``: the forward
+    also forms each kept row's d logp / d hidden (1 more GEMM, ``[K, H]`` kept in hidden's
+    dtype) and the backward only scales it by the upstream: 2 GEMMs per chunk in all, not 3. Peak extra memory: one ``chunk x V`` logits
     buffer, dL/dhidden and the fp32 ``V x H`` dW accumulator (for fp32 weights it is the
     returned dW; for 16-bit ones also the 16-bit dW it is cast to at the end); never ``N x V``.
     """
@@ -181,7 +184,8 @@ def linear_token_logprobs(
     h2, rows, kept_labels = _rows(hidden, labels, labels != ignore_index)
     flags = (return_mean_logits, return_log_sum_sq_probs, return_is_top1)
     extras = tuple(name for name, on in zip(EXTRAS, flags) if on)
-    logp, entropy, *more = LinearTokenLogprobsFunction.apply(h2, weight, bias, kept_labels, rows, opts, shard, extras)
+    logp, entropy, *more = LinearTokenLogprobsFunction.apply(h2, weight, bias, kept_labels, rows, opts, shard, extras,
+                                                             return_entropy)
     outs = [logp] + ([entropy] if return_entropy else []) + more
     outs = [o.view(labels.shape) for o in outs]
     return outs[0] if len(outs) == 1 else tuple(outs)

@@ -182,6 +182,9 @@ def _keeps_logits(hidden, weight, bias, softcap, outputs) -> bool:
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not wants_grad or softcap is not None or any(n not in ("log_probs", "entropy") for n in outputs):
         return False
+    frozen = not any(t is not None and t.requires_grad for t in (weight, bias))
+    if frozen and "entropy" not in outputs:
+        return False  # linear_token_logprobs's frozen-head path: the same 2 GEMMs, no logits kept
     return 0 < hidden.shape[0] * weight.shape[0] * weight.element_size() <= KEEP_LOGITS_BYTES
 
 

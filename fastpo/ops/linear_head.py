@@ -11,7 +11,9 @@ the caller's backend, so the softmax math is the one of Levels 0 and 2. Read top
 * ``LinearTokenLogprobsFunction``: the upstream gradient is unknown in the forward, so the
   forward keeps only ``[K]`` vectors (logp, entropy, lse; 1 GEMM per chunk) and the backward
   recomputes each chunk's logits (1 GEMM), writes dL/dlogits over them with
-  ``token_logprobs_bwd_inplace_op`` and forms dh, dW (2 GEMMs);
+  ``token_logprobs_bwd_inplace_op`` and forms dh, dW (2 GEMMs); with a frozen head and no
+  entropy output the forward forms the rows' d logp / d hidden instead (1 more GEMM) and the
+  backward only scales them;
 * ``LinearPolicyLossFunction``: the loss is a scalar, so the whole gradient is formed in the
   forward (backward scales it by the upstream, ``GradBuffer``). Token-local configs: the fused
   policy kernel writes dL/dlogits over each chunk (3 GEMMs per chunk, one pass). Sequence-level
@@ -288,9 +290,12 @@ def _extras_of_chunk(x: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, k
     return out
 
 
-def _token_pass(head: LinearHead, extras=()):
+def _token_pass(head: LinearHead, extras=(), jacobian: Optional[torch.Tensor] = None):
     """Forward chunk loop: (logp, entropy, lse) of the kept rows, each ``[K]``, then the
-    requested ``EXTRAS`` (``[K]`` each; computed on the same chunk of logits, no extra GEMM)."""
+    requested ``EXTRAS`` (``[K]`` each; computed on the same chunk of logits, no extra GEMM).
+    ``jacobian`` ``[K, H]`` (frozen head, see ``LinearTokenLogprobsFunction``): also filled with
+    d logp / d hidden of each kept row — the chunk's logits overwritten with d logp / dz for a
+    unit upstream, then one GEMM with the head."""
     if head.shard is not None:
         if extras:
             raise NotImplementedError(f"{', '.join(extras)} with process_group are not implemented")
@@ -298,15 +303,20 @@ def _token_pass(head: LinearHead, extras=()):
     dev = head.hidden.device
     out = [torch.empty(head.kept, dtype=head.acc, device=dev) for _ in range(3)]
     more = [torch.empty(head.kept, dtype=torch.bool if e == "is_top1" else head.acc, device=dev) for e in extras]
+    unit = torch.ones(head.kept, dtype=head.acc, device=dev) if jacobian is not None else None
     o = head.opts
     for sl in head.chunks():
-        _, x, _ = head.logits(sl)
+        _, x, t = head.logits(sl)
         for dst, src in zip(out, token_logprobs_fwd_op(x, head.labels[sl], o.kernel_temperature,
                                                        o.ignore_index, o.backend)):
             dst[sl] = src
         for dst, src in zip(more, _extras_of_chunk(x, head.labels[sl], out[2][sl], o.kernel_temperature, extras)):
             dst[sl] = src
-        del x
+        if jacobian is not None:
+            token_logprobs_bwd_inplace_op(x, head.labels[sl], out[2][sl], out[1][sl], unit[sl], None,
+                                          o.kernel_temperature, o.ignore_index, o.backend)
+            jacobian[sl] = torch.mm(head.to_z(x, t), head.w)
+        del x, t
     return out + more
 
 
@@ -352,14 +362,30 @@ def _sharded_token_grad_pass(head: LinearHead, grads: HeadGrads, lse, entropy, g
 
 class LinearTokenLogprobsFunction(torch.autograd.Function):
     """(logp [N], entropy [N]) from hidden [N, H], weight [V, H], bias [V] or None; both
-    differentiable in hidden, weight and bias. Rows not in ``rows`` give 0 (zero gradient)."""
+    differentiable in hidden, weight and bias. Rows not in ``rows`` give 0 (zero gradient).
+
+    Frozen head (only ``hidden`` needs a gradient; ``entropy_grad`` False: the caller drops
+    the entropy, so only the log-probs can carry one; not vocabulary parallel): dL/dhidden_i =
+    g_i * d logp_i / d hidden_i is linear in the row's upstream g_i, so the forward forms the
+    ``[K, H]`` Jacobian rows (one more GEMM per chunk) and the backward only scales them: 2
+    GEMMs per chunk in all instead of 3 (forward, recompute, dL/dhidden), and no recompute. It
+    holds ``[K, H]`` in hidden's dtype until the backward (the size of the kept hidden rows)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, rows, opts, shard, extras=()):
+    def forward(ctx, hidden, weight, bias, labels, rows, opts, shard, extras=(), entropy_grad=True):
         head = LinearHead(hidden, weight, bias, rows, labels, opts, shard)
         head.labels_checked()
-        logp, entropy, lse, *more = _token_pass(head, extras)
-        ctx.save_for_backward(hidden, weight, bias, labels, rows, lse, entropy)
+        needs = ctx.needs_input_grad
+        frozen = needs[0] and not needs[1] and not (bias is not None and needs[2])
+        jacobian = None
+        if frozen and not entropy_grad and shard is None:
+            jacobian = torch.empty(head.kept, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+        logp, entropy, lse, *more = _token_pass(head, extras, jacobian)
+        if jacobian is not None:
+            ctx.save_for_backward(hidden, rows, jacobian)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, labels, rows, lse, entropy)
+        ctx.jacobian = jacobian is not None
         # the backward recomputes with the forward's chunking (the default reads free memory)
         ctx.opts, ctx.shard = dataclasses.replace(opts, chunk_size=head.step), shard
         ctx.set_materialize_grads(False)
@@ -371,6 +397,13 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_entropy, *_extras):
+        if ctx.jacobian:
+            hidden, rows, jacobian = ctx.saved_tensors
+            dh = torch.zeros_like(hidden)
+            if grad_logp is not None:
+                g = grad_logp.index_select(0, rows).to(acc_dtype(hidden.dtype))
+                dh.index_copy_(0, rows, (jacobian.to(g.dtype) * g[:, None]).to(hidden.dtype))
+            return (dh,) + (None,) * 8
         hidden, weight, bias, labels, rows, lse, entropy = ctx.saved_tensors
         head = LinearHead(hidden, weight, bias, rows, labels, ctx.opts, ctx.shard)
         grads = HeadGrads(head, ctx.needs_input_grad)
@@ -379,7 +412,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
             g_lp = pick(grad_logp) if grad_logp is not None else torch.zeros_like(lse)
             g_h = pick(grad_entropy) if grad_entropy is not None else None
             _token_grad_pass(head, grads, lse, entropy, g_lp, g_h)
-        return grads.finish() + (None,) * 5  # vocabulary parallel: finish all-reduces dh
+        return grads.finish() + (None,) * 6  # vocabulary parallel: finish all-reduces dh
 
 
 # ----------------------------------------------------------------------------- policy loss
