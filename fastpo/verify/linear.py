@@ -1,5 +1,6 @@
 """Verify cases for the fused linear ops (hidden states + lm_head, logits never materialised):
-``linear_token_logprobs`` (log-prob, entropy, d/dhidden, d/dweight) and ``linear_policy_loss``
+``linear_token_logprobs`` (log-prob, entropy, d/dhidden, d/dweight; d/dhidden with a frozen
+head, log-probs only, its frozen-head path) and ``linear_policy_loss``
 (loss, d/dhidden, d/dweight, d/dbias) against the float64 composition on the same upcast inputs
 (logits = hidden @ weight.T + bias, softcapped, then the float64 reference). For 16-bit inputs
 the reference rounds the logits where the op does (the GEMM's output and the softcap's output
@@ -61,6 +62,7 @@ def checks(device: torch.device) -> Iterator[Check]:
             # float64 composition on the upcast inputs
             rh, rw, rb = (x.double().requires_grad_() for x in (hs, ws, bs))
             lp_r, h_r = token_logprobs_ref(_logits64(rh, rw, rb, dtype), labels, temperature=TEMPERATURE)
+            (grad_frozen,) = torch.autograd.grad((lp_r * g_lp).sum(), rh, retain_graph=True)
             grads_tok = torch.autograd.grad((lp_r * g_lp).sum() + h_r.sum(), (rh, rw))
             mask = labels != -100
             lp_p, h_p = token_logprobs_ref(_logits64(rh, rw, rb, dtype), labels, temperature=CONFIG.temperature)
@@ -80,6 +82,12 @@ def checks(device: torch.device) -> Iterator[Check]:
                 yield Check(op=OP_TOKEN, quantity="grad hidden", error=rel_err(gh, grads_tok[0]),
                             tol=_tol_grad(dtype), **common)
                 yield Check(op=OP_TOKEN, quantity="grad weight", error=rel_err(gw, grads_tok[1]),
+                            tol=_tol_grad(dtype), **common)
+                x_h = hs.clone().requires_grad_()  # a frozen head, log-probs only: the frozen-head path
+                lp = fastpo.linear_token_logprobs(x_h, ws, labels, bias=bs, temperature=TEMPERATURE, softcap=SOFTCAP,
+                                                  chunk_size=5, backend=backend)
+                (gh,) = torch.autograd.grad((lp * g_lp.float()).sum(), x_h)
+                yield Check(op=OP_TOKEN, quantity="grad hidden, frozen head", error=rel_err(gh, grad_frozen),
                             tol=_tol_grad(dtype), **common)
                 x_h, x_w, x_b = (x.clone().requires_grad_() for x in (hs, ws, bs))
                 out = fastpo.linear_policy_loss(x_h, x_w, labels, old, adv, bias=x_b, ref_logprobs=ref, config=CONFIG,
