@@ -131,3 +131,23 @@ def test_no_grad_call_takes_no_second_gather(zero3):
     with torch.no_grad(), z.gather(weight, b):
         out = trl_head.FastpoChunkedLogProb.apply(hidden, weight, b, targets, 1.0, 32768, None, 1.0, ALL)
     assert z.gathers == 1 and not out[0].requires_grad
+
+
+def test_zero3_frozen_head_needs_no_backward_gather(zero3):
+    """PEFT under ZeRO-3 (frozen lm_head), log-probs only: the frozen-head path forms dL/dhidden's
+    rows in the forward, so the backward gathers nothing, and matches TRL's function."""
+    hidden, weight, b, targets = _leaves(torch.float32, True)
+    weight.requires_grad_(False)
+    b.requires_grad_(False)
+    z = zero3(weight, b)
+
+    def run(fn):
+        with z.gather(weight, b):
+            lp = fn.apply(hidden, weight, b, targets, 0.7, 32768, None, 1.0, ())[0]
+        return lp, torch.autograd.grad((lp * torch.linspace(-1, 1, lp.shape[0])).sum(), hidden)[0]
+
+    ours = run(trl_head.FastpoChunkedLogProb)
+    assert z.gathers == 1  # the forward's only
+    theirs = run(trl_kernel.ChunkedLogProbFunction)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-4, atol=1e-6)

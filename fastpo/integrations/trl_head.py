@@ -168,10 +168,13 @@ class FastpoChunkedLogProb:
             fp32 = lambda t: t if t is None or t.dtype in (torch.float32, torch.bool) else t.float()  # noqa: E731
             return tuple(fp32(named.get(n)) for n in names)
 
-        if zero3:
+        frozen = not any(t is not None and t.requires_grad for t in (weight, bias))
+        if zero3 and not (frozen and "entropy" not in outputs):
             # ZeRO-3: only the recompute route, which saves the head parameters themselves (kept
             # logits would pin the gathered weight through F.linear's saved transpose, and a
-            # cast would save a full V x H copy), and a backward that re-gathers them
+            # cast would save a full V x H copy), and a backward that re-gathers them. A frozen
+            # head without entropy takes linear_token_logprobs's frozen-head path, whose
+            # backward never reads the head: no re-gather needed.
             return _RegatheredHead.apply(head, hidden, weight, bias)
         return head(hidden, weight, bias)
 
