@@ -13,7 +13,6 @@ Also each implementation's dL/dhidden error (max abs / max abs) against float64 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -24,6 +23,7 @@ import torch
 import fastpo
 from fastpo.benchmarks.linear import _liger_logprob, _naive_logp
 from fastpo.functional import linear as linear_fn
+from linear_interleaved import interleaved_args  # bench/ is on the path when run as a script
 
 
 def _recompute(hidden, weight, labels):
@@ -34,14 +34,7 @@ def _recompute(hidden, weight, labels):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", default="2048,8192")
-    ap.add_argument("--h", type=int, default=1024)
-    ap.add_argument("--v", type=int, default=32000)
-    ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--json", default=None)
-    a = ap.parse_args()
+    a = interleaved_args(__doc__, default="2048,8192", help="comma-separated token counts")
     liger = _liger_logprob()
     rows = []
     for n in map(int, a.n.split(",")):

@@ -24,15 +24,21 @@ PAIRS = {"linear_token_logprobs": ("fastpo[cpu]", "liger-chunked-selective-logpr
          "linear_policy_loss": ("fastpo[cpu]", "liger-fused-linear-grpo")}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=8192)
+def interleaved_args(doc: str, **n_option) -> argparse.Namespace:
+    """The options of the interleaved linear benches (shape, dtypes, rounds, JSON path);
+    ``n_option``: the ``--n`` argument's keywords (a single N here)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--n", **(n_option or dict(type=int, default=8192)))
     ap.add_argument("--h", type=int, default=1024)
     ap.add_argument("--v", type=int, default=32000)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", default=None)
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> int:
+    a = interleaved_args(__doc__)
     rows = []
     for name in a.dtypes.split(","):
         dtype = getattr(torch, name)
